@@ -1,0 +1,133 @@
+"""The ``fmjax`` command.
+
+    fmjax train [--source 8gaussians] [--target moons] [--path linear] [--coupling independent] ...
+
+Errors in the arguments or the data print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+from fmjax._checks import check_choice
+
+EXIT_USAGE = 2
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage, so every error is one line."""
+
+    def error(self, message: str):
+        raise _UsageError(message)
+
+
+def _default_run_dir() -> str:
+    return os.path.join("runs", time.strftime("train-%Y%m%d-%H%M%S"))
+
+
+def _add_train(sub) -> None:
+    from fmjax.couplings import COUPLINGS
+    from fmjax.data.toy import TOY_SAMPLERS
+    from fmjax.models import ACTIVATIONS
+    from fmjax.paths import PATHS
+    from fmjax.runs import RunConfig
+    from fmjax.sampling import SOLVERS
+
+    defaults = RunConfig()
+    p = sub.add_parser("train", help="train a flow on 2D toy data and evaluate it")
+    p.add_argument("--source", default=defaults.source, help=f"one of {', '.join(TOY_SAMPLERS)}")
+    p.add_argument("--target", default=defaults.target, help=f"one of {', '.join(TOY_SAMPLERS)}")
+    p.add_argument("--path", default=defaults.path, help=f"one of {', '.join(PATHS)}")
+    p.add_argument("--sigma", type=float, default=defaults.sigma,
+                   help="sigma_min (condot) or sigma (linear, sb); default 0.1")
+    p.add_argument("--coupling", default=defaults.coupling, help=f"one of {', '.join(COUPLINGS)}")
+    p.add_argument("--steps", type=int, default=defaults.steps, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--width", type=int, default=defaults.width, help="MLP hidden width")
+    p.add_argument("--depth", type=int, default=defaults.depth, help="MLP hidden layers")
+    p.add_argument("--activation", default=defaults.activation, help=f"one of {', '.join(ACTIVATIONS)}")
+    p.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    p.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--eval-samples", type=int, default=defaults.eval_samples)
+    p.add_argument("--eval-solver", default=defaults.eval_solver,
+                   help=f"adaptive solver, one of {', '.join(n for n, s in SOLVERS.items() if s.adaptive)}")
+    p.add_argument("--log-every", type=int, default=defaults.log_every, help="steps per logged chunk")
+    p.add_argument("--out", default=None, help="run directory (default: runs/train-<time>); must not hold a run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+
+
+def _config_from_args(args):
+    from fmjax.runs import RunConfig
+
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    try:
+        return RunConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    except (ValueError, TypeError) as error:
+        raise _UsageError(str(error)) from None
+
+
+def _cmd_train(args) -> int:
+    from tqdm import tqdm
+
+    from fmjax import runs
+
+    config = _config_from_args(args)
+    run_dir = args.out or _default_run_dir()
+    if os.path.exists(os.path.join(run_dir, runs.CONFIG_FILE)) or (
+        os.path.isdir(run_dir) and os.listdir(run_dir)
+    ):
+        raise _UsageError(f"--out {run_dir!r} already holds files; choose a new directory")
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise _UsageError(f"--out {run_dir!r} is a file, not a directory")
+
+    bar = tqdm(total=config.steps, desc="train", unit="step", disable=args.no_progress,
+               dynamic_ncols=True)
+    start = time.perf_counter()
+    try:
+        run = runs.train(config, run_dir, progress=bar.update)
+    finally:
+        bar.close()
+    train_time = time.perf_counter() - start
+    summary = runs.evaluate(run, run_dir, plots=not args.no_plots)
+    print(f"run directory: {run_dir}")
+    print(f"trained {config.steps} steps in {train_time:.1f} s")
+    print(
+        f"W2 = {summary['w2']:.4f} ({summary['solver']}, NFE = {summary['nfe']}); "
+        f"W2 = {summary['w2_euler100']:.4f} (euler, NFE = 100); NPE = {summary['npe']:.3f}"
+    )
+    return 0
+
+
+COMMANDS = {"train": _cmd_train}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fmjax`` console script; returns the exit status."""
+    parser = _Parser(prog="fmjax", description="Flow matching in JAX.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    _add_train(sub)
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            raise _UsageError(f"a command is required: one of {', '.join(COMMANDS)}")
+        command = COMMANDS[check_choice("command", args.command, COMMANDS)]
+        return command(args)
+    except (_UsageError, FileNotFoundError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"fmjax: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

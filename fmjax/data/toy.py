@@ -1,0 +1,79 @@
+"""Two-dimensional toy distributions, drawn i.i.d. in JAX.
+
+Every sampler is ``sampler(key, n) -> [n, 2] float32``; points are independent draws, never an
+ordered sweep, so any slice of a batch has the full distribution. Definitions:
+
+- ``gaussian``: N(0, I).
+- ``8gaussians``: mixture of 8 equal-weight Gaussians centred at 5 (cos k pi/4, sin k pi/4), each
+  with covariance sqrt(0.1) I (std 0.562); the TorchCFM tutorial's source.
+- ``moons``: two interleaved half circles, 3 m - 1 with m the unit moons (the outer (cos a, sin a)
+  and the inner (1 - cos a, 0.5 - sin a), a ~ U[0, pi], moon chosen with probability 1/2) plus
+  N(0, 0.2^2 I) noise before scaling; the TorchCFM tutorial's target.
+- ``scurve``: the 2D S curve (sin a, sign(a) (cos a - 1)) with a ~ U[-3 pi/2, 3 pi/2], plus
+  N(0, 0.1^2 I) noise, scaled by 2.
+- ``checkerboard``: uniform on the 8 dark squares of a 4x4 board of side 2 over [-4, 4]^2.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from fmjax._checks import check_int, lookup
+
+__all__ = ["TOY_SAMPLERS", "sample"]
+
+
+def _gaussian(key, n):
+    return jax.random.normal(key, (n, 2))
+
+
+def _eight_gaussians(key, n):
+    k_mode, k_noise = jax.random.split(key)
+    angles = jax.random.randint(k_mode, (n,), 0, 8) * (math.pi / 4)
+    centers = 5.0 * jnp.stack([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+    return centers + 0.1**0.25 * jax.random.normal(k_noise, (n, 2))
+
+
+def _moons(key, n):
+    k_moon, k_angle, k_noise = jax.random.split(key, 3)
+    a = jax.random.uniform(k_angle, (n,), maxval=math.pi)
+    outer = jnp.stack([jnp.cos(a), jnp.sin(a)], axis=-1)
+    inner = jnp.stack([1 - jnp.cos(a), 0.5 - jnp.sin(a)], axis=-1)
+    which = jax.random.bernoulli(k_moon, 0.5, (n, 1))
+    points = jnp.where(which, inner, outer) + 0.2 * jax.random.normal(k_noise, (n, 2))
+    return 3.0 * points - 1.0
+
+
+def _scurve(key, n):
+    k_angle, k_noise = jax.random.split(key)
+    a = jax.random.uniform(k_angle, (n,), minval=-1.5 * math.pi, maxval=1.5 * math.pi)
+    points = jnp.stack([jnp.sin(a), jnp.sign(a) * (jnp.cos(a) - 1)], axis=-1)
+    return 2.0 * (points + 0.1 * jax.random.normal(k_noise, (n, 2)))
+
+
+def _checkerboard(key, n):
+    k_x, k_y, k_row = jax.random.split(key, 3)
+    x = jax.random.uniform(k_x, (n,), minval=-2.0, maxval=2.0)
+    y = jax.random.uniform(k_y, (n,)) - 2.0 * jax.random.randint(k_row, (n,), 0, 2)
+    y = y + jnp.floor(x) % 2
+    return 2.0 * jnp.stack([x, y], axis=-1)
+
+
+TOY_SAMPLERS: dict[str, Callable[[jax.Array, int], jax.Array]] = {
+    "gaussian": _gaussian,
+    "8gaussians": _eight_gaussians,
+    "moons": _moons,
+    "scurve": _scurve,
+    "checkerboard": _checkerboard,
+}
+"""The 2D samplers by name."""
+
+
+def sample(name: str, key: jax.Array, n: int) -> jax.Array:
+    """Draw ``n`` i.i.d. points [n, 2] (float32) from the toy distribution ``name``."""
+    check_int("n", n, low=1)
+    return lookup("name", name, TOY_SAMPLERS)(key, n)

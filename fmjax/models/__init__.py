@@ -1,0 +1,29 @@
+"""Flax NNX velocity fields and the bridge to fmjax's functional ``apply_fn(params, t, x)`` contract."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from flax import nnx
+
+from fmjax.models.mlp import ACTIVATIONS, MLP
+
+__all__ = ["MLP", "ACTIVATIONS", "functional"]
+
+
+def functional(model: nnx.Module) -> tuple[Callable[[Any, jax.Array, jax.Array], jax.Array], Any]:
+    """Split an NNX model into ``(apply_fn, params)``.
+
+    ``params`` is a plain nested dict of arrays (ready for optax and orbax); ``apply_fn(params, t, x)``
+    rebuilds the module from them and calls it. Use it with ``cfm_loss``, ``make_train_step`` and
+    ``fmjax.as_velocity``.
+    """
+    graphdef, state = nnx.split(model, nnx.Param)
+    params = nnx.to_pure_dict(state)
+
+    def apply_fn(params: Any, t: jax.Array, x: jax.Array) -> jax.Array:
+        return nnx.merge(graphdef, params)(t, x)
+
+    return apply_fn, params

@@ -1,0 +1,350 @@
+"""Probability paths and their conditional vector fields.
+
+Every path here is affine in its end points plus optional Gaussian noise:
+
+    x_t = a_t x0 + b_t x1 + s_t eps,        eps ~ N(0, I)
+    u_t = d/dt x_t = a'_t x0 + b'_t x1 + s'_t eps
+
+with time running from the source x0 (often noise) at t=0 to the data x1 at t=1. A path is a frozen
+dataclass that only has to say what ``schedule(t) = (a_t, b_t, s_t)`` and its time derivative are;
+sampling and the conversions between velocity, x1-prediction and eps-prediction are derived.
+
+Paths carry no arrays: they are static pytrees, hashable, and can be closed over or passed to jitted
+functions freely.
+
+>>> import jax, jax.numpy as jnp
+>>> from fmjax.paths import CondOT
+>>> path = CondOT(sigma_min=0.0)
+>>> x0, x1 = jnp.zeros((4, 2)), jnp.ones((4, 2))
+>>> s = path.sample(jax.random.key(0), x0, x1, jnp.full((4,), 0.25))
+>>> s.xt[0].tolist(), s.ut[0].tolist()
+([0.25, 0.25], [1.0, 1.0])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fmjax._checks import check_batch, check_pair, check_real
+
+__all__ = [
+    "PathSample",
+    "Schedule",
+    "AffinePath",
+    "CondOT",
+    "Linear",
+    "SchrodingerBridge",
+    "VariancePreserving",
+    "VPDiffusion",
+    "PATHS",
+    "make_path",
+]
+
+# Where a schedule derivative is singular at an end point (SchrodingerBridge at t=0 and 1,
+# VPDiffusion at t=1), t is clipped this far inside [0, 1] before the derivative is taken, so a time
+# sampler that returns exactly 0 cannot turn the loss into inf. It changes nothing for t inside.
+_T_CLIP = 1e-5
+
+
+class PathSample(NamedTuple):
+    """A draw from a conditional probability path.
+
+    Attributes:
+      t: times, shape [batch].
+      x0: source points, shape [batch, *dims].
+      x1: target points, shape [batch, *dims].
+      xt: points on the path at time t, shape [batch, *dims].
+      ut: conditional velocity d/dt x_t at (t, xt), shape [batch, *dims].
+    """
+
+    t: jax.Array
+    x0: jax.Array
+    x1: jax.Array
+    xt: jax.Array
+    ut: jax.Array
+
+
+class Schedule(NamedTuple):
+    """Coefficients of an affine path at times t: x_t = a x0 + b x1 + s eps (each shape of t)."""
+
+    a: jax.Array
+    b: jax.Array
+    s: jax.Array
+
+
+def _expand(t: jax.Array, x: jax.Array) -> jax.Array:
+    """Reshape per-sample t of shape [batch] to broadcast against x of shape [batch, *dims]."""
+    return t.reshape(t.shape + (1,) * (x.ndim - 1))
+
+
+class AffinePath:
+    """Base class of paths x_t = a_t x0 + b_t x1 + s_t eps.
+
+    Subclasses implement ``schedule(t)``; ``schedule_derivative(t)`` defaults to forward-mode
+    differentiation of ``schedule`` and is overridden by the bundled paths with closed forms.
+    ``stochastic`` is True when s_t is not identically zero, in which case the conversions between
+    velocity and x1/eps predictions are not defined and raise.
+    """
+
+    stochastic: bool = False
+
+    def schedule(self, t: jax.Array) -> Schedule:
+        """Return the coefficients (a_t, b_t, s_t) at times ``t``."""
+        raise NotImplementedError(f"{type(self).__name__} must define schedule(t)")
+
+    def schedule_derivative(self, t: jax.Array) -> Schedule:
+        """Return (a'_t, b'_t, s'_t), the time derivatives of ``schedule`` at times ``t``."""
+        _, tangent = jax.jvp(self.schedule, (t,), (jnp.ones_like(t),))
+        return tangent
+
+    def sample(self, key: jax.Array | None, x0: jax.Array, x1: jax.Array, t: jax.Array) -> PathSample:
+        """Draw x_t and the conditional velocity u_t for paired end points.
+
+        Args:
+          key: PRNG key for the path's noise eps; may be None for deterministic paths.
+          x0: source points, shape [batch, *dims].
+          x1: target points, same shape as x0.
+          t: times in [0, 1], shape [batch].
+
+        Returns:
+          A ``PathSample(t, x0, x1, xt, ut)`` with xt and ut of x0's shape and dtype.
+        """
+        check_pair(x0, x1)
+        t = jnp.asarray(t)
+        if t.shape != x0.shape[:1]:
+            raise ValueError(f"t must have shape [batch] = {x0.shape[:1]}; got {t.shape}")
+        t = t.astype(x0.dtype)
+        coef = self.schedule(t)
+        dcoef = self.schedule_derivative(t)
+        a, b = _expand(coef.a, x0), _expand(coef.b, x0)
+        da, db = _expand(dcoef.a, x0), _expand(dcoef.b, x0)
+        xt = a * x0 + b * x1
+        ut = da * x0 + db * x1
+        if self.stochastic:
+            if key is None:
+                raise ValueError(f"key is required: {type(self).__name__} draws noise eps")
+            eps = jax.random.normal(key, x0.shape, x0.dtype)
+            xt = xt + _expand(coef.s, x0) * eps
+            ut = ut + _expand(dcoef.s, x0) * eps
+        return PathSample(t=t, x0=x0, x1=x1, xt=xt, ut=ut)
+
+    # Conversions between parametrisations, for deterministic paths (s_t = 0), where
+    # xt = a x0 + b x1 and v = a' x0 + b' x1 determine x0 and x1 given any two of (xt, v, x0, x1).
+
+    def _coefficients(self, t: jax.Array, x: jax.Array):
+        if self.stochastic:
+            raise ValueError(
+                f"{type(self).__name__} with nonzero noise has no conversion between velocity and "
+                "x1/eps predictions; use a deterministic path (sigma=0)"
+            )
+        check_batch("xt", x)
+        t = jnp.asarray(t, x.dtype)
+        if t.ndim == 0:
+            t = jnp.broadcast_to(t, x.shape[:1])
+        coef, dcoef = self.schedule(t), self.schedule_derivative(t)
+        return (_expand(c, x) for c in (coef.a, coef.b, dcoef.a, dcoef.b))
+
+    def velocity_from_x1(self, t: jax.Array, xt: jax.Array, x1_pred: jax.Array) -> jax.Array:
+        """Velocity implied by a prediction of x1 at (t, xt): v = a' x0 + b' x1, x0 = (xt - b x1)/a."""
+        a, b, da, db = self._coefficients(t, xt)
+        return da * (xt - b * x1_pred) / a + db * x1_pred
+
+    def velocity_from_eps(self, t: jax.Array, xt: jax.Array, eps_pred: jax.Array) -> jax.Array:
+        """Velocity implied by a prediction of the source point x0 (eps): x1 = (xt - a x0)/b."""
+        a, b, da, db = self._coefficients(t, xt)
+        return da * eps_pred + db * (xt - a * eps_pred) / b
+
+    def x1_from_velocity(self, t: jax.Array, xt: jax.Array, velocity: jax.Array) -> jax.Array:
+        """x1 implied by a velocity at (t, xt): x1 = (a v - a' xt) / (a b' - a' b)."""
+        a, b, da, db = self._coefficients(t, xt)
+        return (a * velocity - da * xt) / (a * db - da * b)
+
+    def eps_from_velocity(self, t: jax.Array, xt: jax.Array, velocity: jax.Array) -> jax.Array:
+        """Source point x0 (eps) implied by a velocity at (t, xt): x0 = (b' xt - b v) / (a b' - a' b)."""
+        a, b, da, db = self._coefficients(t, xt)
+        return (db * xt - b * velocity) / (a * db - da * b)
+
+    def x1_from_eps(self, t: jax.Array, xt: jax.Array, eps_pred: jax.Array) -> jax.Array:
+        """x1 implied by a prediction of the source point: x1 = (xt - a x0) / b."""
+        a, b, _, _ = self._coefficients(t, xt)
+        return (xt - a * eps_pred) / b
+
+    def eps_from_x1(self, t: jax.Array, xt: jax.Array, x1_pred: jax.Array) -> jax.Array:
+        """Source point implied by a prediction of x1: x0 = (xt - b x1) / a."""
+        a, b, _, _ = self._coefficients(t, xt)
+        return (xt - b * x1_pred) / a
+
+
+def _static_dataclass(cls):
+    """A frozen, keyword-only dataclass registered as a pytree without leaves (all fields static)."""
+    cls = dataclasses.dataclass(frozen=True, kw_only=True)(cls)
+    jax.tree_util.register_static(cls)
+    return cls
+
+
+@_static_dataclass
+class CondOT(AffinePath):
+    """Lipman et al.'s conditional OT path with minimum noise level ``sigma_min``.
+
+    x_t = (1 - (1 - sigma_min) t) x0 + t x1,   u_t = x1 - (1 - sigma_min) x0.
+
+    With x0 ~ N(0, I) the marginal at t=1 is N(x1, sigma_min^2 I). Lipman et al. use 0.1 on 2D toy
+    data and 1e-4 on images; 0 gives the rectified-flow line.
+    """
+
+    sigma_min: float = 0.0
+
+    def __post_init__(self):
+        object.__setattr__(
+            self, "sigma_min", check_real("sigma_min", self.sigma_min, low=0.0, high=1.0, high_inclusive=False)
+        )
+
+    def schedule(self, t):
+        zero = jnp.zeros_like(t)
+        return Schedule(a=1 - (1 - self.sigma_min) * t, b=t, s=zero)
+
+    def schedule_derivative(self, t):
+        zero = jnp.zeros_like(t)
+        return Schedule(a=jnp.full_like(t, -(1 - self.sigma_min)), b=jnp.ones_like(t), s=zero)
+
+
+@_static_dataclass
+class Linear(AffinePath):
+    """I-CFM / rectified-flow path with constant Gaussian noise ``sigma`` (Tong et al.).
+
+    x_t = (1 - t) x0 + t x1 + sigma eps,   u_t = x1 - x0.
+    """
+
+    sigma: float = 0.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "sigma", check_real("sigma", self.sigma, low=0.0))
+
+    @property
+    def stochastic(self) -> bool:
+        return self.sigma > 0
+
+    def schedule(self, t):
+        return Schedule(a=1 - t, b=t, s=jnp.full_like(t, self.sigma))
+
+    def schedule_derivative(self, t):
+        return Schedule(a=-jnp.ones_like(t), b=jnp.ones_like(t), s=jnp.zeros_like(t))
+
+
+@_static_dataclass
+class SchrodingerBridge(AffinePath):
+    """Brownian-bridge path of SB-CFM (Tong et al.) with diffusion scale ``sigma``.
+
+    x_t = (1 - t) x0 + t x1 + sigma sqrt(t (1 - t)) eps,
+    u_t = (1 - 2t) / (2 t (1 - t)) (x_t - mu_t) + x1 - x0,   mu_t = (1 - t) x0 + t x1.
+
+    Paired with the entropic OT coupling at epsilon = 2 sigma^2 it matches the Schrödinger bridge
+    between the end-point distributions. u_t is singular at t = 0 and 1; there t is clipped 1e-5
+    inside the interval for the noise term's derivative.
+    """
+
+    sigma: float = 1.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "sigma", check_real("sigma", self.sigma, low=0.0))
+
+    @property
+    def stochastic(self) -> bool:
+        return self.sigma > 0
+
+    def schedule(self, t):
+        return Schedule(a=1 - t, b=t, s=self.sigma * jnp.sqrt(t * (1 - t)))
+
+    def schedule_derivative(self, t):
+        tc = jnp.clip(t, _T_CLIP, 1 - _T_CLIP)
+        ds = self.sigma * (1 - 2 * tc) / (2 * jnp.sqrt(tc * (1 - tc)))
+        return Schedule(a=-jnp.ones_like(t), b=jnp.ones_like(t), s=ds)
+
+
+@_static_dataclass
+class VariancePreserving(AffinePath):
+    """Trigonometric variance-preserving interpolant (Albergo & Vanden-Eijnden).
+
+    x_t = cos(pi t / 2) x0 + sin(pi t / 2) x1,   u_t = (pi / 2) (cos(pi t / 2) x1 - sin(pi t / 2) x0).
+
+    For independent standard-normal x0 and x1 every marginal is standard normal.
+    """
+
+    def schedule(self, t):
+        angle = 0.5 * math.pi * t
+        return Schedule(a=jnp.cos(angle), b=jnp.sin(angle), s=jnp.zeros_like(t))
+
+    def schedule_derivative(self, t):
+        angle = 0.5 * math.pi * t
+        half_pi = 0.5 * math.pi
+        return Schedule(a=-half_pi * jnp.sin(angle), b=half_pi * jnp.cos(angle), s=jnp.zeros_like(t))
+
+
+@_static_dataclass
+class VPDiffusion(AffinePath):
+    """Lipman et al.'s conditional path for the variance-preserving diffusion (time reversed so t=1 is data).
+
+    With T(s) = beta_min s + (beta_max - beta_min) s^2 / 2 and alpha(s) = exp(-T(s) / 2):
+      x_t = alpha(1 - t) x1 + sqrt(1 - alpha(1 - t)^2) x0.
+    At t=0 the path is only approximately the source (alpha(1) = 0.0066 for the defaults); the
+    derivative of the noise coefficient is singular at t=1, where t is clipped 1e-5 inside.
+    """
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "beta_min", check_real("beta_min", self.beta_min, low=0.0))
+        object.__setattr__(self, "beta_max", check_real("beta_max", self.beta_max, low=0.0))
+        if self.beta_max < self.beta_min:
+            raise ValueError(
+                f"beta_max must be >= beta_min; got beta_min={self.beta_min}, beta_max={self.beta_max}"
+            )
+        if self.beta_max == 0:
+            raise ValueError("beta_max must be > 0 (beta_min = beta_max = 0 never reaches noise)")
+
+    def _beta(self, s):
+        return self.beta_min + (self.beta_max - self.beta_min) * s
+
+    def _alpha(self, s):
+        integral = self.beta_min * s + 0.5 * (self.beta_max - self.beta_min) * s**2
+        return jnp.exp(-0.5 * integral)
+
+    def schedule(self, t):
+        alpha = self._alpha(1 - t)
+        return Schedule(a=jnp.sqrt(1 - alpha**2), b=alpha, s=jnp.zeros_like(t))
+
+    def schedule_derivative(self, t):
+        db = 0.5 * self._beta(1 - t) * self._alpha(1 - t)
+        tc = jnp.minimum(t, 1 - _T_CLIP)
+        alpha = self._alpha(1 - tc)
+        da = -alpha * (0.5 * self._beta(1 - tc) * alpha) / jnp.sqrt(1 - alpha**2)
+        return Schedule(a=da, b=db, s=jnp.zeros_like(t))
+
+
+PATHS = {
+    "condot": CondOT,
+    "linear": Linear,
+    "sb": SchrodingerBridge,
+    "vp": VariancePreserving,
+    "vp_diffusion": VPDiffusion,
+}
+"""Paths by name, as accepted by ``make_path`` and the CLI's ``--path``."""
+
+
+def make_path(name: str, *, sigma: float | None = None) -> AffinePath:
+    """Build a path by name (see ``PATHS``); ``sigma`` sets sigma_min / sigma where the path has one."""
+    from fmjax._checks import lookup
+
+    cls = lookup("path", name, PATHS)
+    if sigma is None:
+        return cls()
+    field = {"condot": "sigma_min", "linear": "sigma", "sb": "sigma"}.get(name)
+    if field is None:
+        raise ValueError(f"sigma is not a parameter of path {name!r}; paths with one: condot, linear, sb")
+    return cls(**{field: sigma})

@@ -1,0 +1,62 @@
+"""Matplotlib figures of runs: samples against the target, trajectories, the loss curve."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fmjax.sampling import Trajectory  # noqa: E402
+
+__all__ = ["samples", "trajectories", "loss_curve"]
+
+
+def samples(filename: str, generated: np.ndarray, target: np.ndarray, *, title: str = "") -> None:
+    """Scatter generated 2D points over target points and save the figure as PNG."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(target[:, 0], target[:, 1], s=1, alpha=0.3, c="tab:gray", label="target")
+    ax.scatter(generated[:, 0], generated[:, 1], s=1, alpha=0.5, c="tab:blue", label="generated")
+    ax.set_aspect("equal")
+    ax.legend(loc="upper right", markerscale=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(filename, dpi=120)
+    plt.close(fig)
+
+
+def trajectories(filename: str, trajectory: Trajectory, *, count: int = 300) -> None:
+    """Plot the paths of ``count`` 2D points from t=0 (black) to t=1 (blue) and save as PNG."""
+    xs = np.asarray(trajectory.xs)[:, :count]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot(xs[:, :, 0], xs[:, :, 1], c="olive", alpha=0.2, lw=0.5)
+    ax.scatter(xs[0, :, 0], xs[0, :, 1], s=2, c="black", label="t = 0")
+    ax.scatter(xs[-1, :, 0], xs[-1, :, 1], s=2, c="tab:blue", label="t = 1")
+    ax.set_aspect("equal")
+    ax.legend(loc="upper right", markerscale=4)
+    fig.tight_layout()
+    fig.savefig(filename, dpi=120)
+    plt.close(fig)
+
+
+def loss_curve(filename: str, metrics_file: str) -> None:
+    """Plot the training loss recorded in a run's metrics.jsonl and save as PNG."""
+    steps, losses = [], []
+    with open(metrics_file) as f:
+        for line in f:
+            record = json.loads(line)
+            if "loss" in record:
+                steps.append(record["step"])
+                losses.append(record["loss"])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses)
+    ax.set_xlabel("step")
+    ax.set_ylabel("CFM loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(filename, dpi=120)
+    plt.close(fig)
