@@ -72,7 +72,7 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def restore(self, target: Any, step: int | None = None) -> Any:
-        """Read checkpoint ``step`` (default: the latest) into the structure, shapes and dtypes of ``target``."""
+        """Read checkpoint ``step`` (default: latest) into the structure, shapes and dtypes of ``target``."""
         if step is None:
             step = self.latest_step()
             if step is None:

@@ -46,8 +46,12 @@ def _add_train(sub) -> None:
     p.add_argument("--source", default=defaults.source, help=f"one of {', '.join(TOY_SAMPLERS)}")
     p.add_argument("--target", default=defaults.target, help=f"one of {', '.join(TOY_SAMPLERS)}")
     p.add_argument("--path", default=defaults.path, help=f"one of {', '.join(PATHS)}")
-    p.add_argument("--sigma", type=float, default=defaults.sigma,
-                   help="sigma_min (condot) or sigma (linear, sb); default 0.1")
+    p.add_argument(
+        "--sigma",
+        type=float,
+        default=defaults.sigma,
+        help="sigma_min (condot) or sigma (linear, sb); default 0.1",
+    )
     p.add_argument("--coupling", default=defaults.coupling, help=f"one of {', '.join(COUPLINGS)}")
     p.add_argument("--steps", type=int, default=defaults.steps, help="optimiser steps")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -59,10 +63,15 @@ def _add_train(sub) -> None:
     p.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--eval-samples", type=int, default=defaults.eval_samples)
-    p.add_argument("--eval-solver", default=defaults.eval_solver,
-                   help=f"adaptive solver, one of {', '.join(n for n, s in SOLVERS.items() if s.adaptive)}")
+    p.add_argument(
+        "--eval-solver",
+        default=defaults.eval_solver,
+        help=f"adaptive solver, one of {', '.join(n for n, s in SOLVERS.items() if s.adaptive)}",
+    )
     p.add_argument("--log-every", type=int, default=defaults.log_every, help="steps per logged chunk")
-    p.add_argument("--out", default=None, help="run directory (default: runs/train-<time>); must not hold a run")
+    p.add_argument(
+        "--out", default=None, help="run directory (default: runs/train-<time>); must not hold a run"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
@@ -91,8 +100,7 @@ def _cmd_train(args) -> int:
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise _UsageError(f"--out {run_dir!r} is a file, not a directory")
 
-    bar = tqdm(total=config.steps, desc="train", unit="step", disable=args.no_progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=config.steps, desc="train", unit="step", disable=args.no_progress, dynamic_ncols=True)
     start = time.perf_counter()
     try:
         run = runs.train(config, run_dir, progress=bar.update)

@@ -44,9 +44,7 @@ class Coupling:
         check_batch("x0", x0)
         check_batch("x1", x1)
         if x0.shape[0] != x1.shape[0]:
-            raise ValueError(
-                f"x0 and x1 must have the same batch size; got {x0.shape[0]} and {x1.shape[0]}"
-            )
+            raise ValueError(f"x0 and x1 must have the same batch size; got {x0.shape[0]} and {x1.shape[0]}")
         return self.pairs(key, x0, x1)
 
 

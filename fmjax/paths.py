@@ -201,7 +201,9 @@ class CondOT(AffinePath):
 
     def __post_init__(self):
         object.__setattr__(
-            self, "sigma_min", check_real("sigma_min", self.sigma_min, low=0.0, high=1.0, high_inclusive=False)
+            self,
+            "sigma_min",
+            check_real("sigma_min", self.sigma_min, low=0.0, high=1.0, high_inclusive=False),
         )
 
     def schedule(self, t):

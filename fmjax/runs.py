@@ -121,8 +121,9 @@ class Run:
     @classmethod
     def build(cls, config: RunConfig) -> Run:
         """Model, optimiser and initial state for ``config``."""
-        model = MLP(dim=2, width=config.width, depth=config.depth, activation=config.activation,
-                    seed=config.seed)
+        model = MLP(
+            dim=2, width=config.width, depth=config.depth, activation=config.activation, seed=config.seed
+        )
         apply_fn, params = functional(model)
         optimizer = optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
         key = jax.random.PRNGKey(config.seed)
@@ -155,8 +156,13 @@ def train(
         json.dump(config.to_json(), f, indent=2)
 
     path = make_path(config.path, sigma=config.sigma)
-    step = make_train_step(run.apply_fn, run.optimizer, path=path, coupling=make_coupling(config.coupling),
-                           ema_decay=config.ema_decay)
+    step = make_train_step(
+        run.apply_fn,
+        run.optimizer,
+        path=path,
+        coupling=make_coupling(config.coupling),
+        ema_decay=config.ema_decay,
+    )
     data_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
 
     def one(state, _):
@@ -166,8 +172,9 @@ def train(
         x1 = toy_sample(config.target, k1, config.batch_size)
         return step(state, x0, x1)
 
-    chunk = jax.jit(lambda state, n: jax.lax.scan(one, state, None, length=n), static_argnums=1,
-                    donate_argnums=0)
+    chunk = jax.jit(
+        lambda state, n: jax.lax.scan(one, state, None, length=n), static_argnums=1, donate_argnums=0
+    )
     state = run.state
     with open(os.path.join(run_dir, METRICS_FILE), "w") as log:
         start = time.perf_counter()
@@ -245,8 +252,12 @@ def evaluate(run: Run, run_dir: str | os.PathLike, *, plots: bool = True) -> dic
     if plots:
         from fmjax import plotting
 
-        plotting.samples(os.path.join(run_dir, "samples.png"), np.asarray(adaptive.x1), np.asarray(x1_true),
-                         title=f"{config.source} -> {config.target}: W2 = {w2:.3f}, NFE = {summary['nfe']}")
+        plotting.samples(
+            os.path.join(run_dir, "samples.png"),
+            np.asarray(adaptive.x1),
+            np.asarray(x1_true),
+            title=f"{config.source} -> {config.target}: W2 = {w2:.3f}, NFE = {summary['nfe']}",
+        )
         plotting.trajectories(os.path.join(run_dir, "trajectories.png"), euler.trajectory, count=300)
         plotting.loss_curve(os.path.join(run_dir, "loss.png"), os.path.join(run_dir, METRICS_FILE))
     return summary

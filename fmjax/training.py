@@ -64,9 +64,7 @@ class TrainState:
     key: jax.Array
 
     @classmethod
-    def create(
-        cls, *, params: Any, optimizer: optax.GradientTransformation, key: jax.Array
-    ) -> TrainState:
+    def create(cls, *, params: Any, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
         """Initial state: step 0, fresh optimiser state, EMA equal to ``params``."""
         params = jax.tree.map(jnp.asarray, params)
         return cls(
@@ -127,8 +125,14 @@ def make_train_step(
     def step(state: TrainState, x0: jax.Array, x1: jax.Array):
         key, loss_key = jax.random.split(state.key)
         (loss, _), grads = grad_fn(
-            apply_fn, state.params, loss_key, x0, x1,
-            path=path, coupling=coupling, time_sampler=time_sampler,
+            apply_fn,
+            state.params,
+            loss_key,
+            x0,
+            x1,
+            path=path,
+            coupling=coupling,
+            time_sampler=time_sampler,
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
