@@ -313,19 +313,20 @@ class VPDiffusion(AffinePath):
     def _beta(self, s):
         return self.beta_min + (self.beta_max - self.beta_min) * s
 
-    def _alpha(self, s):
-        integral = self.beta_min * s + 0.5 * (self.beta_max - self.beta_min) * s**2
-        return jnp.exp(-0.5 * integral)
+    def _integral(self, s):
+        return self.beta_min * s + 0.5 * (self.beta_max - self.beta_min) * s**2
 
     def schedule(self, t):
-        alpha = self._alpha(1 - t)
-        return Schedule(a=jnp.sqrt(1 - alpha**2), b=alpha, s=jnp.zeros_like(t))
+        integral = self._integral(1 - t)
+        # 1 - alpha^2 = -expm1(-T): no cancellation near t = 1
+        return Schedule(a=jnp.sqrt(-jnp.expm1(-integral)), b=jnp.exp(-0.5 * integral), s=jnp.zeros_like(t))
 
     def schedule_derivative(self, t):
-        db = 0.5 * self._beta(1 - t) * self._alpha(1 - t)
-        tc = jnp.minimum(t, 1 - _T_CLIP)
-        alpha = self._alpha(1 - tc)
-        da = -alpha * (0.5 * self._beta(1 - tc) * alpha) / jnp.sqrt(1 - alpha**2)
+        db = 0.5 * self._beta(1 - t) * jnp.exp(-0.5 * self._integral(1 - t))
+        # a = sqrt(1 - e^{-T(1-t)}) has a' = -T'(1-t) e^{-T} / (2a), singular at t = 1
+        sc = 1 - jnp.minimum(t, 1 - _T_CLIP)
+        integral = self._integral(sc)
+        da = -0.5 * self._beta(sc) * jnp.exp(-integral) / jnp.sqrt(-jnp.expm1(-integral))
         return Schedule(a=da, b=db, s=jnp.zeros_like(t))
 
 

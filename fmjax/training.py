@@ -66,7 +66,7 @@ class TrainState:
     @classmethod
     def create(cls, *, params: Any, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
         """Initial state: step 0, fresh optimiser state, EMA equal to ``params``."""
-        params = jax.tree.map(jnp.asarray, params)
+        params = jax.tree.map(jnp.array, params)  # a copy: the step may donate its buffers
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,

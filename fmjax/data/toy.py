@@ -28,37 +28,37 @@ __all__ = ["TOY_SAMPLERS", "sample"]
 
 
 def _gaussian(key, n):
-    return jax.random.normal(key, (n, 2))
+    return jax.random.normal(key, (n, 2), jnp.float32)
 
 
 def _eight_gaussians(key, n):
     k_mode, k_noise = jax.random.split(key)
     angles = jax.random.randint(k_mode, (n,), 0, 8) * (math.pi / 4)
     centers = 5.0 * jnp.stack([jnp.cos(angles), jnp.sin(angles)], axis=-1)
-    return centers + 0.1**0.25 * jax.random.normal(k_noise, (n, 2))
+    return centers.astype(jnp.float32) + 0.1**0.25 * jax.random.normal(k_noise, (n, 2), jnp.float32)
 
 
 def _moons(key, n):
     k_moon, k_angle, k_noise = jax.random.split(key, 3)
-    a = jax.random.uniform(k_angle, (n,), maxval=math.pi)
+    a = jax.random.uniform(k_angle, (n,), jnp.float32, maxval=math.pi)
     outer = jnp.stack([jnp.cos(a), jnp.sin(a)], axis=-1)
     inner = jnp.stack([1 - jnp.cos(a), 0.5 - jnp.sin(a)], axis=-1)
     which = jax.random.bernoulli(k_moon, 0.5, (n, 1))
-    points = jnp.where(which, inner, outer) + 0.2 * jax.random.normal(k_noise, (n, 2))
+    points = jnp.where(which, inner, outer) + 0.2 * jax.random.normal(k_noise, (n, 2), jnp.float32)
     return 3.0 * points - 1.0
 
 
 def _scurve(key, n):
     k_angle, k_noise = jax.random.split(key)
-    a = jax.random.uniform(k_angle, (n,), minval=-1.5 * math.pi, maxval=1.5 * math.pi)
+    a = jax.random.uniform(k_angle, (n,), jnp.float32, minval=-1.5 * math.pi, maxval=1.5 * math.pi)
     points = jnp.stack([jnp.sin(a), jnp.sign(a) * (jnp.cos(a) - 1)], axis=-1)
-    return 2.0 * (points + 0.1 * jax.random.normal(k_noise, (n, 2)))
+    return 2.0 * (points + 0.1 * jax.random.normal(k_noise, (n, 2), jnp.float32))
 
 
 def _checkerboard(key, n):
     k_x, k_y, k_row = jax.random.split(key, 3)
-    x = jax.random.uniform(k_x, (n,), minval=-2.0, maxval=2.0)
-    y = jax.random.uniform(k_y, (n,)) - 2.0 * jax.random.randint(k_row, (n,), 0, 2)
+    x = jax.random.uniform(k_x, (n,), jnp.float32, minval=-2.0, maxval=2.0)
+    y = jax.random.uniform(k_y, (n,), jnp.float32) - 2.0 * jax.random.randint(k_row, (n,), 0, 2).astype(jnp.float32)
     y = y + jnp.floor(x) % 2
     return 2.0 * jnp.stack([x, y], axis=-1)
 

@@ -1,0 +1,139 @@
+"""CFM loss, time samplers and the jitted training step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fmjax.losses import cfm_loss
+from fmjax.models import MLP, functional
+from fmjax.paths import CondOT, Linear
+from fmjax.training import TrainState, ema_update, logit_normal, make_train_step, uniform
+
+
+def constant_model(params, t, x):
+    return jnp.broadcast_to(params, x.shape)
+
+
+def test_uniform_times_cover_the_unit_interval():
+    t = uniform(jax.random.key(0), 100_000)
+    assert t.shape == (100_000,) and t.dtype == jnp.float32
+    assert float(t.min()) >= 0.0 and float(t.max()) < 1.0
+    # mean 1/2 and variance 1/12 of U[0, 1), within 6 standard errors
+    assert abs(float(t.mean()) - 0.5) < 6 * (1 / 12 / 1e5) ** 0.5
+    assert abs(float(t.var()) - 1 / 12) < 6 * (1 / 180 / 1e5) ** 0.5
+
+
+def test_logit_normal_times_are_sigmoid_of_a_normal():
+    t = logit_normal(mean=0.5, std=0.8)(jax.random.key(1), 100_000)
+    z = jnp.log(t) - jnp.log1p(-t)
+    assert float(t.min()) > 0.0 and float(t.max()) < 1.0
+    assert abs(float(z.mean()) - 0.5) < 6 * 0.8 / 1e5**0.5
+    assert abs(float(z.std()) - 0.8) < 0.01
+    with pytest.raises(ValueError, match="std must be > 0"):
+        logit_normal(std=0.0)
+
+
+def test_cfm_loss_closed_form():
+    # A constant model v = theta against u_t = x1 - x0 (linear path, identity pairs): the loss is
+    # mean((theta - (x1 - x0))^2) whatever t is.
+    k0, k1 = jax.random.split(jax.random.key(2))
+    x0 = jax.random.normal(k0, (64, 3))
+    x1 = jax.random.normal(k1, (64, 3)) + 1.0
+    theta = jnp.array([0.5, -1.0, 2.0])
+    loss, aux = cfm_loss(constant_model, theta, jax.random.key(3), x0, x1, path=Linear())
+    np.testing.assert_allclose(loss, jnp.mean((theta - (x1 - x0)) ** 2), rtol=1e-6)
+    np.testing.assert_array_equal(aux.pairs[0], jnp.arange(64))
+    np.testing.assert_allclose(aux.sample.ut, x1 - x0, rtol=1e-6)
+    np.testing.assert_allclose(aux.velocity, jnp.broadcast_to(theta, x0.shape))
+    t = aux.sample.t
+    np.testing.assert_allclose(aux.sample.xt, (1 - t[:, None]) * x0 + t[:, None] * x1, rtol=1e-5, atol=1e-6)
+
+
+def test_cfm_loss_gradient_is_closed_form():
+    # d/dtheta mean((theta - u)^2) = 2 (theta - mean_batch(u)) / dim
+    k0, k1 = jax.random.split(jax.random.key(4))
+    x0, x1 = jax.random.normal(k0, (32, 2)), jax.random.normal(k1, (32, 2))
+    theta = jnp.array([0.1, 0.2])
+    grad = jax.grad(lambda p: cfm_loss(constant_model, p, jax.random.key(5), x0, x1, path=Linear())[0])(theta)
+    np.testing.assert_allclose(grad, 2 * (theta - jnp.mean(x1 - x0, axis=0)) / 2, rtol=1e-5)
+
+
+def test_cfm_loss_jit_matches_eager():
+    apply_fn, params = functional(MLP(dim=2, width=16, depth=2, seed=0))
+    k0, k1 = jax.random.split(jax.random.key(6))
+    x0, x1 = jax.random.normal(k0, (32, 2)), jax.random.normal(k1, (32, 2))
+    loss = lambda p, k: cfm_loss(apply_fn, p, k, x0, x1, path=CondOT(sigma_min=0.1))[0]
+    np.testing.assert_allclose(loss(params, jax.random.key(7)), jax.jit(loss)(params, jax.random.key(7)), rtol=1e-6)
+
+
+def _setup(ema_decay=0.9, donate=True, count=None):
+    model_apply, params = functional(MLP(dim=2, width=16, depth=2, seed=0))
+
+    def apply_fn(p, t, x):
+        if count is not None:
+            count.append(1)  # runs once per trace, never per call of the compiled step
+        return model_apply(p, t, x)
+
+    optimizer = optax.adam(1e-2)
+    state = TrainState.create(params=params, optimizer=optimizer, key=jax.random.key(8))
+    step = make_train_step(apply_fn, optimizer, path=Linear(), ema_decay=ema_decay, donate=donate)
+    return apply_fn, optimizer, state, step
+
+
+def test_train_step_is_traced_once():
+    traces = []
+    _, _, state, step = _setup(count=traces)
+    x0, x1 = jnp.zeros((32, 2)), jnp.ones((32, 2))
+    for _ in range(4):
+        state, _ = step(state, x0, x1)
+    assert len(traces) == 1
+    assert int(state.step) == 4
+
+
+def test_train_step_matches_loss_optimizer_and_ema_by_hand():
+    apply_fn, optimizer, state, step = _setup(ema_decay=0.9, donate=False)
+    k0, k1 = jax.random.split(jax.random.key(9))
+    x0, x1 = jax.random.normal(k0, (32, 2)), jax.random.normal(k1, (32, 2))
+    new_state, metrics = step(state, x0, x1)
+
+    key, loss_key = jax.random.split(state.key)
+    loss_fn = lambda p: cfm_loss(apply_fn, p, loss_key, x0, x1, path=Linear())[0]
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, _ = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-6)
+    np.testing.assert_allclose(metrics["grad_norm"], optax.global_norm(grads), rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), new_state.params, params)
+    expected_ema = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, state.params, params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), new_state.ema_params, expected_ema)
+    assert jnp.array_equal(jax.random.key_data(new_state.key), jax.random.key_data(key))
+
+
+def test_ema_update_formula():
+    np.testing.assert_allclose(ema_update({"w": jnp.array(2.0)}, {"w": jnp.array(4.0)}, 0.75)["w"], 2.5)
+
+
+def test_training_fits_a_constant_velocity():
+    # x1 = x0 + (3, -1) with identity pairs: u_t is constant and an MLP learns it to near-zero loss.
+    apply_fn, params = functional(MLP(dim=2, width=32, depth=2, seed=1))
+    optimizer = optax.adam(1e-2)
+    state = TrainState.create(params=params, optimizer=optimizer, key=jax.random.key(10))
+    step = make_train_step(apply_fn, optimizer, path=Linear())
+    key = jax.random.key(11)
+    for _ in range(400):
+        key, sub = jax.random.split(key)
+        x0 = jax.random.normal(sub, (128, 2))
+        state, metrics = step(state, x0, x0 + jnp.array([3.0, -1.0]))
+    assert float(metrics["loss"]) < 1e-2
+
+
+def test_make_train_step_rejects_bad_arguments():
+    apply_fn, params = functional(MLP(dim=2, width=8, depth=1))
+    with pytest.raises(ValueError, match="ema_decay must be < 1"):
+        make_train_step(apply_fn, optax.adam(1e-3), path=Linear(), ema_decay=1.0)
+    with pytest.raises(TypeError, match="path must be an fmjax path"):
+        make_train_step(apply_fn, optax.adam(1e-3), path="linear")
+    with pytest.raises(TypeError, match="coupling must be an fmjax coupling"):
+        make_train_step(apply_fn, optax.adam(1e-3), path=Linear(), coupling=lambda k, a, b: (a, b))
