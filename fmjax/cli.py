@@ -68,6 +68,12 @@ def _add_train(sub) -> None:
         default=defaults.eval_solver,
         help=f"adaptive solver, one of {', '.join(n for n, s in SOLVERS.items() if s.adaptive)}",
     )
+    p.add_argument(
+        "--no-eval-ema",
+        dest="eval_ema",
+        action="store_false",
+        help="evaluate the raw, not the EMA, parameters",
+    )
     p.add_argument("--log-every", type=int, default=defaults.log_every, help="steps per logged chunk")
     p.add_argument(
         "--out", default=None, help="run directory (default: runs/train-<time>); must not hold a run"
@@ -112,7 +118,8 @@ def _cmd_train(args) -> int:
     print(f"trained {config.steps} steps in {train_time:.1f} s")
     print(
         f"W2 = {summary['w2']:.4f} ({summary['solver']}, NFE = {summary['nfe']}); "
-        f"W2 = {summary['w2_euler100']:.4f} (euler, NFE = 100); NPE = {summary['npe']:.3f}"
+        f"W2 = {summary['w2_euler100']:.4f} (euler, NFE = 100); NPE = {summary['npe']:.3f}; "
+        f"target sample floor W2 = {summary['w2_target_floor']:.4f}"
     )
     return 0
 

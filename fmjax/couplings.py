@@ -34,6 +34,7 @@ class Coupling:
     """
 
     scope: str = "local"
+    uses_key: bool = False  # whether the coupling draws random numbers (else key may be None)
 
     def pairs(self, key: jax.Array, x0: jax.Array, x1: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Return (i, j) for a single, unsharded batch; subclasses implement this."""
@@ -46,6 +47,13 @@ class Coupling:
         if x0.shape[0] != x1.shape[0]:
             raise ValueError(f"x0 and x1 must have the same batch size; got {x0.shape[0]} and {x1.shape[0]}")
         return self.pairs(key, x0, x1)
+
+    def apply(
+        self, key: jax.Array, x0: jax.Array, x1: jax.Array
+    ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
+        """Couple and gather: return ``(x0[i], x1[j], (i, j))``."""
+        i, j = self(key, x0, x1)
+        return x0[i], x1[j], (i, j)
 
 
 def _coupling_dataclass(cls):
@@ -66,6 +74,11 @@ class Independent(Coupling):
     def pairs(self, key, x0, x1):
         idx = jnp.arange(x0.shape[0], dtype=jnp.int32)
         return idx, idx
+
+    def apply(self, key, x0, x1):
+        # the pairs are the identity: skip the gather, which XLA would otherwise run as a copy
+        pairs = self(key, x0, x1)
+        return x0, x1, pairs
 
 
 def independent(*, scope: str = "local") -> Independent:

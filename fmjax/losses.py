@@ -38,6 +38,14 @@ class LossAux(NamedTuple):
     pairs: tuple[jax.Array, jax.Array]
 
 
+def _split_key(key: jax.Array, coupling_random: bool, path_random: bool):
+    """Keys for the time sampler, the coupling and the path; split only as many as are drawn from."""
+    if not (coupling_random or path_random):
+        return key, None, None
+    keys = list(jax.random.split(key, 1 + coupling_random + path_random))
+    return keys.pop(0), keys.pop(0) if coupling_random else None, keys.pop(0) if path_random else None
+
+
 def cfm_loss(
     apply_fn: ApplyFn,
     params: Any,
@@ -54,7 +62,7 @@ def cfm_loss(
     Args:
       apply_fn: model, called as ``apply_fn(params, t, xt)`` with t of shape [batch].
       params: the model's parameters (any pytree).
-      key: PRNG key; split into coupling, time and path-noise keys.
+      key: PRNG key for the times and, where they draw random numbers, the coupling and the path.
       x0: source batch, shape [batch, *dims].
       x1: target batch, same shape.
       path: a probability path, e.g. ``fmjax.paths.Linear(sigma=0.0)``.
@@ -73,11 +81,10 @@ def cfm_loss(
     1.0
     """
     check_pair(x0, x1)
-    key_coupling, key_time, key_path = jax.random.split(key, 3)
-    i, j = coupling(key_coupling, x0, x1)
-    x0, x1 = x0[i], x1[j]
+    key_time, key_coupling, key_path = _split_key(key, coupling.uses_key, path.stochastic)
+    x0, x1, pairs = coupling.apply(key_coupling, x0, x1)
     t = time_sampler(key_time, x0.shape[0], x0.dtype)
     sample = path.sample(key_path, x0, x1, t)
     velocity = apply_fn(params, sample.t, sample.xt)
     loss = jnp.mean(jnp.square(velocity - sample.ut))
-    return loss, LossAux(sample=sample, velocity=velocity, pairs=(i, j))
+    return loss, LossAux(sample=sample, velocity=velocity, pairs=pairs)

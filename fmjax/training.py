@@ -14,7 +14,7 @@ passed into the step and returned from it:
 >>> x0, x1 = jnp.zeros((32, 2)), jnp.ones((32, 2))
 >>> state, metrics = step(state, x0, x1)
 >>> int(state.step), sorted(metrics)
-(1, ['grad_norm', 'loss'])
+(1, ['loss'])
 """
 
 from __future__ import annotations
@@ -93,6 +93,7 @@ def make_train_step(
     coupling: Coupling = independent(),
     time_sampler: Callable[..., jax.Array] = uniform,
     ema_decay: float = 0.999,
+    log_grad_norm: bool = False,
     donate: bool = True,
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """Build the jitted training step ``(state, x0, x1) -> (state, metrics)``.
@@ -109,10 +110,12 @@ def make_train_step(
       coupling: how x0 and x1 are paired (default: independent).
       time_sampler: ``time_sampler(key, n, dtype) -> t``.
       ema_decay: EMA decay in [0, 1); 0 makes ``ema_params`` equal to ``params``.
+      log_grad_norm: add the gradient's global norm to the metrics. Off by default: on a CPU its
+        per-leaf reductions cost about 2% of a small MLP's step.
       donate: donate the input state to the output.
 
     Returns:
-      The jitted step. ``metrics`` holds the scalar ``loss`` and the gradient's global ``grad_norm``.
+      The jitted step. ``metrics`` holds the scalar ``loss`` (and ``grad_norm`` when asked).
     """
     ema_decay = check_real("ema_decay", ema_decay, low=0.0, high=1.0, high_inclusive=False)
     if not isinstance(path, AffinePath):
@@ -143,6 +146,9 @@ def make_train_step(
             ema_params=ema_update(state.ema_params, params, ema_decay),
             key=key,
         )
-        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss}
+        if log_grad_norm:
+            metrics["grad_norm"] = optax.global_norm(grads)
+        return new_state, metrics
 
     return jax.jit(step, donate_argnums=(0,) if donate else ())

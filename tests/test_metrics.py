@@ -43,7 +43,9 @@ def test_path_energy_of_straight_lines(x64):
     # x_t = x0 + t c: the energy is ||c||^2 for every point, and NPE against W2 = ||c|| is 0
     x0 = jax.random.normal(jax.random.key(0), (50, 2), jnp.float64)
     c = jnp.array([3.0, 4.0])
-    result = sample(lambda t, x: jnp.broadcast_to(c, x.shape), x0, solver="euler", steps=20, save_trajectory=True)
+    result = sample(
+        lambda t, x: jnp.broadcast_to(c, x.shape), x0, solver="euler", steps=20, save_trajectory=True
+    )
     energy = float(path_energy(result.trajectory))
     assert energy == pytest.approx(25.0, rel=1e-12)
     assert normalized_path_energy(energy, 5.0) == pytest.approx(0.0, abs=1e-12)

@@ -66,7 +66,9 @@ def test_end_points(path, start, end, x64):
         np.testing.assert_allclose(coef.b, b, atol=1e-12)
         np.testing.assert_allclose(coef.s, s, atol=1e-12)
         if s == 0:
-            np.testing.assert_allclose(path.sample(jax.random.key(2), x0, x1, t).xt, a * x0 + b * x1, atol=1e-12)
+            np.testing.assert_allclose(
+                path.sample(jax.random.key(2), x0, x1, t).xt, a * x0 + b * x1, atol=1e-12
+            )
 
 
 @pytest.mark.parametrize("path", ALL_PATHS, ids=PATH_IDS)
@@ -116,7 +118,8 @@ def test_schrodinger_bridge_velocity_matches_published_form(x64):
 
 
 def test_vp_diffusion_velocity_matches_lipman(x64):
-    # Lipman et al. (2023), eq. (19): u_t(x|x1) = -T'(1-t)/2 (e^{-T(1-t)} x - e^{-T(1-t)/2} x1) / (1 - e^{-T(1-t)})
+    # Lipman et al. (2023), eq. (19), with T = T(1 - t):
+    # u_t(x|x1) = -T'/2 (e^{-T} x - e^{-T/2} x1) / (1 - e^{-T})
     path = VPDiffusion(beta_min=0.1, beta_max=20.0)
     x0, x1, t = _data(jnp.float64)
     s = path.sample(None, x0, x1, t)

@@ -47,11 +47,15 @@ def test_fixed_step_convergence_order(solver, x64):
     reference = sample(field, x0, solver="dopri8", rtol=1e-13, atol=1e-13, max_steps=100_000).x1
     order = SOLVERS[solver].order
     n = {1: 64, 2: 32, 3: 16, 5: 8}[order]
-    errors = [float(jnp.max(jnp.abs(sample(field, x0, solver=solver, steps=k).x1 - reference))) for k in (n, 2 * n)]
+    errors = [
+        float(jnp.max(jnp.abs(sample(field, x0, solver=solver, steps=k).x1 - reference))) for k in (n, 2 * n)
+    ]
     assert np.log2(errors[0] / errors[1]) == pytest.approx(order, abs=0.3)
 
 
-@pytest.mark.parametrize(("solver", "steps"), [(name, 7) for name in SOLVERS] + [(name, None) for name in ADAPTIVE])
+@pytest.mark.parametrize(
+    ("solver", "steps"), [(name, 7) for name in SOLVERS] + [(name, None) for name in ADAPTIVE]
+)
 def test_nfe_counts_every_velocity_evaluation(solver, steps):
     calls = []
 

@@ -65,7 +65,9 @@ def test_cfm_loss_jit_matches_eager():
     k0, k1 = jax.random.split(jax.random.key(6))
     x0, x1 = jax.random.normal(k0, (32, 2)), jax.random.normal(k1, (32, 2))
     loss = lambda p, k: cfm_loss(apply_fn, p, k, x0, x1, path=CondOT(sigma_min=0.1))[0]
-    np.testing.assert_allclose(loss(params, jax.random.key(7)), jax.jit(loss)(params, jax.random.key(7)), rtol=1e-6)
+    np.testing.assert_allclose(
+        loss(params, jax.random.key(7)), jax.jit(loss)(params, jax.random.key(7)), rtol=1e-6
+    )
 
 
 def _setup(ema_decay=0.9, donate=True, count=None):
@@ -78,7 +80,9 @@ def _setup(ema_decay=0.9, donate=True, count=None):
 
     optimizer = optax.adam(1e-2)
     state = TrainState.create(params=params, optimizer=optimizer, key=jax.random.key(8))
-    step = make_train_step(apply_fn, optimizer, path=Linear(), ema_decay=ema_decay, donate=donate)
+    step = make_train_step(
+        apply_fn, optimizer, path=Linear(), ema_decay=ema_decay, donate=donate, log_grad_norm=True
+    )
     return apply_fn, optimizer, state, step
 
 
@@ -105,9 +109,15 @@ def test_train_step_matches_loss_optimizer_and_ema_by_hand():
     params = optax.apply_updates(state.params, updates)
     np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-6)
     np.testing.assert_allclose(metrics["grad_norm"], optax.global_norm(grads), rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), new_state.params, params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), new_state.params, params
+    )
     expected_ema = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, state.params, params)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), new_state.ema_params, expected_ema)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+        new_state.ema_params,
+        expected_ema,
+    )
     assert jnp.array_equal(jax.random.key_data(new_state.key), jax.random.key_data(key))
 
 

@@ -58,7 +58,9 @@ def _scurve(key, n):
 def _checkerboard(key, n):
     k_x, k_y, k_row = jax.random.split(key, 3)
     x = jax.random.uniform(k_x, (n,), jnp.float32, minval=-2.0, maxval=2.0)
-    y = jax.random.uniform(k_y, (n,), jnp.float32) - 2.0 * jax.random.randint(k_row, (n,), 0, 2).astype(jnp.float32)
+    y = jax.random.uniform(k_y, (n,), jnp.float32) - 2.0 * jax.random.randint(k_row, (n,), 0, 2).astype(
+        jnp.float32
+    )
     y = y + jnp.floor(x) % 2
     return 2.0 * jnp.stack([x, y], axis=-1)
 

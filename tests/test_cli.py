@@ -1,0 +1,86 @@
+"""The fmjax command."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fmjax.cli import main
+
+SMALL = ["--steps", "200", "--batch-size", "64", "--width", "16", "--eval-samples", "300", "--no-progress"]
+
+
+def test_train_writes_a_complete_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *SMALL]) == 0
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "summary.json",
+        "samples.png",
+        "trajectories.png",
+        "loss.png",
+    ):
+        assert (out / name).is_file(), name
+    assert os.listdir(out / "checkpoints") == ["200"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["steps"] == 200 and config["sigma"] == 0.1 and config["path"] == "linear"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records[:-1]] == [100, 200]
+    assert records[-1]["event"] == "eval"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["nfe"] > 0 and 0 < summary["w2"] < summary["w2_source_target"]
+    printed = capsys.readouterr().out
+    assert f"W2 = {summary['w2']:.4f}" in printed and f"NFE = {summary['nfe']}" in printed
+
+
+def test_resumed_config_rebuilds_the_trained_state(tmp_path):
+    from fmjax.runs import load_run
+
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *SMALL, "--no-plots"]) == 0
+    run = load_run(out)
+    assert int(run.state.step) == 200
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--path", "ot"], "path must be one of 'condot', 'linear', 'sb', 'vp', 'vp_diffusion'"),
+        (["train", "--coupling", "hungarian"], "coupling must be one of"),
+        (["train", "--source", "mnist"], "source must be one of"),
+        (["train", "--steps", "0"], "steps must be >= 1"),
+        (["train", "--steps", "ten"], "invalid int value"),
+        (["train", "--sigma", "-1"], "sigma must be >= 0"),
+        (["train", "--path", "vp", "--sigma", "0.2"], "sigma is not a parameter of path 'vp'"),
+        (["train", "--eval-solver", "euler"], "eval_solver must be adaptive"),
+        (["train", "--learning-rate", "nan"], "learning_rate must be finite"),
+        (["frobnicate"], "invalid choice"),
+        ([], "a command is required"),
+    ],
+)
+def test_bad_arguments_print_one_line_and_exit_2(args, message, capsys, tmp_path):
+    assert main([*args, "--out", str(tmp_path / "x")] if args and args[0] == "train" else args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fmjax: error: ")
+    assert message in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_an_existing_run_is_never_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("precious")
+    assert main(["train", "--out", str(out), *SMALL]) == 2
+    assert "already holds files" in capsys.readouterr().err
+    assert (out / "config.json").read_text() == "precious"
+    assert sorted(os.listdir(out)) == ["config.json"]
+
+
+def test_console_script_runs(tmp_path):
+    script = os.path.join(os.path.dirname(sys.executable), "fmjax")
+    result = subprocess.run([script, "train", "--steps", "0"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "fmjax: error: steps must be >= 1; got 0"
