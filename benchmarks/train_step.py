@@ -1,9 +1,10 @@
-"""Train-step benchmark: fmjax's ``make_train_step`` against a plain hand-written jitted JAX/optax step.
+"""Train-step benchmark: fmjax's ``make_train_step`` (I-CFM and OT-CFM) against a plain jitted JAX/optax step.
 
-Both train the same MLP (2D input, ``--depth`` hidden layers of ``--width`` SELU units, time
-concatenated) with I-CFM (linear path, sigma = 0, independent pairs, uniform t) and Adam on the same
-batches, so the difference is what fmjax adds: the TrainState pytree, EMA of the parameters, the
-gradient-norm metric and the NNX model rebuilt from a dict of parameters (free after tracing).
+All train the same MLP (2D input, ``--depth`` hidden layers of ``--width`` SELU units, time
+concatenated) with Adam on the same 8gaussians -> moons batches (64 of them, cycled). The plain step
+and fmjax I-CFM do the same maths (linear path, sigma = 0, independent pairs, uniform t), so their
+ratio is what fmjax adds: the TrainState pytree and the EMA of the parameters. fmjax OT-CFM adds the
+exact minibatch OT coupling inside the jitted step.
 
     python -m benchmarks.train_step            # batch 256, width 256, 3 hidden layers
 """
@@ -18,6 +19,8 @@ import jax.numpy as jnp
 import optax
 
 from benchmarks._timing import interleaved, markdown_table
+from fmjax.couplings import exact
+from fmjax.data import sample as toy
 from fmjax.models import MLP, functional
 from fmjax.paths import Linear
 from fmjax.training import TrainState, make_train_step
@@ -48,29 +51,41 @@ def plain_step_factory(params, optimizer):
 
 
 def run(*, batch: int, width: int, depth: int, repeats: int, inner: int) -> dict[str, float]:
-    """Seconds per step for both implementations, timed side by side."""
+    """Seconds per step for each implementation, timed side by side."""
     apply_fn, params = functional(MLP(dim=2, width=width, depth=depth, activation="selu", seed=0))
     optimizer = optax.adam(1e-3)
-    k0, k1 = jax.random.split(jax.random.key(0))
-    x0 = jax.random.normal(k0, (batch, 2))
-    x1 = jax.random.normal(k1, (batch, 2)) + 3.0
+    keys = jax.random.split(jax.random.key(0), 64)
+    batches = [(toy("8gaussians", k, batch), toy("moons", jax.random.fold_in(k, 1), batch)) for k in keys]
+    counter = {"k": 0}
 
-    fmjax_step = make_train_step(apply_fn, optimizer, path=Linear(sigma=0.0))
-    box = {"state": TrainState.create(params=params, optimizer=optimizer, key=jax.random.key(1))}
+    def next_batch():
+        counter["k"] += 1
+        return batches[counter["k"] % len(batches)]
 
-    def call_fmjax():
-        box["state"], metrics = fmjax_step(box["state"], x0, x1)
-        jax.block_until_ready(metrics["loss"])
+    def fmjax_candidate(coupling):
+        step = make_train_step(apply_fn, optimizer, path=Linear(sigma=0.0), **coupling)
+        box = {"state": TrainState.create(params=params, optimizer=optimizer, key=jax.random.key(1))}
+
+        def call():
+            box["state"], metrics = step(box["state"], *next_batch())
+            jax.block_until_ready(metrics["loss"])
+
+        return call
 
     plain = plain_step_factory(params, optimizer)
     plain_box = [jax.tree.map(jnp.array, params), optimizer.init(params), jax.random.key(1)]
 
     def call_plain():
-        p, o, k, loss = plain(*plain_box, x0, x1)
+        p, o, k, loss = plain(*plain_box, *next_batch())
         plain_box[:] = [p, o, k]
         jax.block_until_ready(loss)
 
-    return interleaved({"fmjax": call_fmjax, "plain": call_plain}, repeats=repeats, inner=inner)
+    candidates = {
+        "plain I-CFM": call_plain,
+        "fmjax I-CFM": fmjax_candidate({}),
+        "fmjax OT-CFM (exact)": fmjax_candidate({"coupling": exact()}),
+    }
+    return interleaved(candidates, repeats=repeats, inner=inner)
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -84,8 +99,11 @@ def main(argv: list[str] | None = None) -> str:
     times = run(batch=args.batch, width=args.width, depth=args.depth, repeats=args.repeats, inner=args.inner)
     device = jax.devices()[0]
     table = markdown_table(
-        ["step (I-CFM)", "ms / step", "ratio to plain"],
-        [[name, f"{t * 1e3:.4f}", f"{t / times['plain']:.3f}"] for name, t in times.items()],
+        ["step", "ms / step", "ratio to plain I-CFM", "ratio to fmjax I-CFM"],
+        [
+            [name, f"{t * 1e3:.4f}", f"{t / times['plain I-CFM']:.3f}", f"{t / times['fmjax I-CFM']:.3f}"]
+            for name, t in times.items()
+        ],
     )
     report = (
         f"batch {args.batch}, MLP {args.depth}x{args.width} SELU, 2D; device {device.device_kind} "

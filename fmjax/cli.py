@@ -49,7 +49,7 @@ def _add_train(sub) -> None:
     p.add_argument(
         "--sigma",
         type=float,
-        default=defaults.sigma,
+        default=None,
         help="sigma_min (condot) or sigma (linear, sb); default 0.1",
     )
     p.add_argument("--coupling", default=defaults.coupling, help=f"one of {', '.join(COUPLINGS)}")

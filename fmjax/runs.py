@@ -97,6 +97,17 @@ class RunConfig:
         if self.sigma is None and self.path in SIGMA_PATHS:
             object.__setattr__(self, "sigma", DEFAULT_SIGMA)
         make_path(self.path, sigma=self.sigma)  # validates sigma for this path
+        if self.coupling == "sb" and not self.sigma:
+            raise ValueError(
+                "coupling 'sb' needs a path with sigma > 0 (its epsilon is 2 sigma^2); "
+                f"got path {self.path!r} with sigma {self.sigma!r}"
+            )
+
+    def make_coupling(self):
+        """The coupling; SB-CFM's entropic coupling takes the path's sigma."""
+        if self.coupling == "sb":
+            return make_coupling("sb", sigma=self.sigma)
+        return make_coupling(self.coupling)
 
     def to_json(self) -> dict[str, Any]:
         """The configuration as a JSON-serialisable dict."""
@@ -163,7 +174,7 @@ def train(
         run.apply_fn,
         run.optimizer,
         path=path,
-        coupling=make_coupling(config.coupling),
+        coupling=config.make_coupling(),
         ema_decay=config.ema_decay,
         log_grad_norm=True,
     )

@@ -57,6 +57,7 @@ def test_resumed_config_rebuilds_the_trained_state(tmp_path):
         (["train", "--path", "vp", "--sigma", "0.2"], "sigma is not a parameter of path 'vp'"),
         (["train", "--eval-solver", "euler"], "eval_solver must be adaptive"),
         (["train", "--learning-rate", "nan"], "learning_rate must be finite"),
+        (["train", "--coupling", "sb", "--path", "vp"], "coupling 'sb' needs a path with sigma > 0"),
         (["frobnicate"], "invalid choice"),
         ([], "a command is required"),
     ],
@@ -84,3 +85,18 @@ def test_console_script_runs(tmp_path):
     result = subprocess.run([script, "train", "--steps", "0"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == "fmjax: error: steps must be >= 1; got 0"
+
+
+@pytest.mark.parametrize(("coupling", "path"), [("exact", "linear"), ("sinkhorn", "condot"), ("sb", "sb")])
+def test_train_with_ot_couplings(coupling, path, tmp_path):
+    out = tmp_path / coupling
+    args = ["train", "--out", str(out), *SMALL, "--steps", "100", "--coupling", coupling, "--path", path]
+    assert main([*args, "--no-plots"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["w2"] < summary["w2_source_target"]
+
+
+def test_paths_without_sigma_train_with_the_default_options(tmp_path):
+    out = tmp_path / "vp"
+    assert main(["train", "--out", str(out), *SMALL, "--steps", "100", "--path", "vp", "--no-plots"]) == 0
+    assert json.loads((out / "config.json").read_text())["sigma"] is None
