@@ -1,6 +1,7 @@
 """The fmjax command."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -100,3 +101,52 @@ def test_paths_without_sigma_train_with_the_default_options(tmp_path):
     out = tmp_path / "vp"
     assert main(["train", "--out", str(out), *SMALL, "--steps", "100", "--path", "vp", "--no-plots"]) == 0
     assert json.loads((out / "config.json").read_text())["sigma"] is None
+
+
+def test_sample_and_nll_on_a_trained_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *SMALL, "--source", "gaussian", "--no-plots"]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(out), "--n", "200", "--solver", "euler", "--steps", "20"]) == 0
+    printed = capsys.readouterr().out
+    assert "NFE = 20" in printed and (out / "samples-euler-200.png").is_file()
+    before = (out / "samples-euler-200.png").read_bytes()
+    assert main(["sample", str(out), "--n", "200", "--solver", "euler", "--steps", "20"]) == 2
+    assert (out / "samples-euler-200.png").read_bytes() == before  # never overwritten
+    assert "already exists" in capsys.readouterr().err
+
+    assert main(["nll", str(out), "--n", "100"]) == 0
+    printed = capsys.readouterr().out
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["event"] == "nll" and f"NLL = {record['nll']:.4f}" in printed
+    assert math.isfinite(record["nll"]) and record["nfe"] > 0 and record["n"] == 100
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["nll", "{missing}"], "does not exist"),
+        (["nll", "{empty}"], "is not an fmjax run"),
+        (["nll", "{run}", "--divergence", "trace"], "divergence must be one of"),
+        (["nll", "{run}", "--divergence", "hutchinson", "--num-probes", "0"], "num_probes must be >= 1"),
+        (["sample", "{run}", "--solver", "rk4"], "solver must be one of"),
+        (["sample", "{run}", "--solver", "euler"], "steps is required for solver 'euler'"),
+    ],
+)
+def test_run_commands_reject_bad_input(args, message, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *SMALL, "--steps", "100", "--source", "gaussian", "--no-plots"]) == 0
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()
+    paths = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "run": run}
+    assert main([a.format(**paths) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_nll_needs_a_source_with_a_density(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *SMALL, "--steps", "100", "--source", "moons", "--no-plots"]) == 0
+    capsys.readouterr()
+    assert main(["nll", str(run)]) == 2
+    assert "'moons' has no closed-form density" in capsys.readouterr().err

@@ -1,5 +1,5 @@
 """Data: 2D toy samplers (``fmjax.data.toy``)."""
 
-from fmjax.data.toy import TOY_SAMPLERS, sample
+from fmjax.data.toy import TOY_LOG_DENSITIES, TOY_SAMPLERS, log_density, sample
 
-__all__ = ["TOY_SAMPLERS", "sample"]
+__all__ = ["TOY_SAMPLERS", "TOY_LOG_DENSITIES", "sample", "log_density"]

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from fmjax._checks import check_int, lookup
 
-__all__ = ["TOY_SAMPLERS", "sample"]
+__all__ = ["TOY_SAMPLERS", "TOY_LOG_DENSITIES", "sample", "log_density"]
 
 
 def _gaussian(key, n):
@@ -79,3 +79,31 @@ def sample(name: str, key: jax.Array, n: int) -> jax.Array:
     """Draw ``n`` i.i.d. points [n, 2] (float32) from the toy distribution ``name``."""
     check_int("n", n, low=1)
     return lookup("name", name, TOY_SAMPLERS)(key, n)
+
+
+def _gaussian_log_density(x):
+    return -0.5 * jnp.sum(x * x, axis=-1) - math.log(2 * math.pi)
+
+
+def _eight_gaussians_log_density(x):
+    angles = jnp.arange(8) * (math.pi / 4)
+    centers = 5.0 * jnp.stack([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+    var = 0.1**0.5
+    sq = jnp.sum((x[:, None, :] - centers[None].astype(x.dtype)) ** 2, axis=-1)
+    return jax.nn.logsumexp(-0.5 * sq / var, axis=1) - math.log(8) - math.log(2 * math.pi * var)
+
+
+TOY_LOG_DENSITIES: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gaussian": _gaussian_log_density,
+    "8gaussians": _eight_gaussians_log_density,
+}
+"""Closed-form log densities (per point, for x of shape [n, 2]) of the toy distributions that have one."""
+
+
+def log_density(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The log density of toy distribution ``name`` (one of ``TOY_LOG_DENSITIES``)."""
+    if name in TOY_SAMPLERS and name not in TOY_LOG_DENSITIES:
+        raise ValueError(
+            f"{name!r} has no closed-form density; sources with one: {', '.join(sorted(TOY_LOG_DENSITIES))}"
+        )
+    return lookup("name", name, TOY_LOG_DENSITIES)

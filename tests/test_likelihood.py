@@ -1,0 +1,126 @@
+"""Log-likelihood against closed forms."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import jax.scipy.linalg
+import numpy as np
+import pytest
+
+from fmjax.likelihood import bits_per_dim, divergence_exact, log_likelihood, standard_normal_log_density
+from fmjax.models import MLP, functional
+from fmjax.sampling import as_velocity, sample
+
+
+def _linear_field(dim, seed=0):
+    a = 0.3 * jax.random.normal(jax.random.key(seed), (dim, dim), jnp.float64) / math.sqrt(dim)
+    a = a - 0.2 * jnp.eye(dim)
+    return a, (lambda t, x: x @ a.T)
+
+
+@pytest.mark.parametrize("dim", [2, 64])
+def test_exact_likelihood_of_a_linear_flow(dim, x64):
+    # x1 = expm(A) x0 with x0 ~ N(0, I): log p1(x1) = log N(expm(-A) x1) - tr(A)
+    a, field = _linear_field(dim)
+    x1 = jax.random.normal(jax.random.key(1), (6, dim), jnp.float64)
+    result = log_likelihood(field, x1, rtol=1e-10, atol=1e-10)
+    x0 = x1 @ jax.scipy.linalg.expm(-a).T
+    np.testing.assert_allclose(result.x0, x0, rtol=1e-7, atol=1e-8)
+    np.testing.assert_allclose(result.log_p, standard_normal_log_density(x0) - jnp.trace(a), rtol=1e-5, atol=1e-5)
+    assert result.log_p_stderr is None
+
+
+def test_gaussian_to_gaussian_condot_marginal_field(x64):
+    # CondOT (sigma_min = 0) between N(0, I) and N(m, s^2 I): the marginal field is affine in x,
+    # v_t(x) = m + (s - 1) / (1 + (s - 1) t) (x - t m), and p1 = N(m, s^2 I) exactly.
+    m, s, dim = jnp.array([1.0, -2.0, 0.5]), 1.7, 3
+    field = lambda t, x: m + (s - 1) / (1 + (s - 1) * t) * (x - t * m)
+    x1 = m + s * jax.random.normal(jax.random.key(2), (8, dim), jnp.float64)
+    result = log_likelihood(field, x1, rtol=1e-10, atol=1e-10)
+    expected = standard_normal_log_density((x1 - m) / s) - dim * math.log(s)
+    np.testing.assert_allclose(result.log_p, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_divergence_exact_matches_the_jacobian_trace(x64):
+    apply_fn, params = functional(MLP(dim=6, width=16, depth=2, seed=3))
+    x = jax.random.normal(jax.random.key(4), (5, 2, 3), jnp.float64)
+    velocity = as_velocity(apply_fn, jax.tree.map(lambda p: p.astype(jnp.float64), params))
+    _, div = divergence_exact(velocity, jnp.asarray(0.3), x)
+    per_sample = lambda xi: velocity(0.3, xi[None])[0].reshape(-1)
+    expected = [jnp.trace(jax.jacfwd(per_sample)(xi).reshape(6, 6)) for xi in x]
+    np.testing.assert_allclose(div, expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
+def test_hutchinson_is_unbiased_with_honest_standard_errors(probe, x64):
+    _, field = _linear_field(8, seed=5)
+    x1 = jax.random.normal(jax.random.key(6), (4, 8), jnp.float64)
+    exact = log_likelihood(field, x1, rtol=1e-9, atol=1e-9).log_p
+    estimate = log_likelihood(
+        field, x1, divergence="hutchinson", num_probes=400, probe=probe, key=jax.random.key(7), rtol=1e-9, atol=1e-9
+    )
+    z = (estimate.log_p - exact) / estimate.log_p_stderr
+    assert float(jnp.max(jnp.abs(z))) < 4.5  # 4.5 standard errors: a false alarm is a ~1e-5 event
+    assert bool(jnp.all(estimate.log_p_stderr > 0))
+    # the standard error shrinks like 1/sqrt(K)
+    fewer = log_likelihood(field, x1, divergence="hutchinson", num_probes=100, probe=probe, key=jax.random.key(8))
+    ratio = float(jnp.mean(fewer.log_p_stderr) / jnp.mean(estimate.log_p_stderr))
+    assert 1.4 < ratio < 2.9
+
+
+def test_round_trip_with_sampling(x64):
+    apply_fn, params = functional(MLP(dim=2, width=16, depth=2, seed=9))
+    velocity = as_velocity(apply_fn, jax.tree.map(lambda p: p.astype(jnp.float64), params))
+    x0 = jax.random.normal(jax.random.key(10), (16, 2), jnp.float64)
+    x1 = sample(velocity, x0, rtol=1e-9, atol=1e-9).x1
+    result = log_likelihood(velocity, x1, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(result.x0, x0, rtol=1e-6, atol=1e-6)
+
+
+def test_fixed_steps_and_jit_agree_with_eager():
+    a = 0.3 * jax.random.normal(jax.random.key(11), (3, 3))
+    field32 = lambda t, x: x @ a.T
+    x1 = jax.random.normal(jax.random.key(12), (4, 3))
+    eager = log_likelihood(field32, x1, solver="heun", steps=20)
+    jitted = jax.jit(lambda x: log_likelihood(field32, x, solver="heun", steps=20).log_p)(x1)
+    np.testing.assert_allclose(eager.log_p, jitted, rtol=1e-5)
+    assert int(eager.nfe) == 40
+
+
+def test_bits_per_dim_of_a_uniform_model_is_eight():
+    # velocity 0 and a uniform source on [-1, 1]^D: p_z = 2^-D, so -log2 P(x) / D = 8 for 8-bit data
+    images = jax.random.randint(jax.random.key(13), (3, 2, 4, 4), 0, 256)
+    log_uniform = lambda z: jnp.full(z.shape[0], -z[0].size * math.log(2.0))
+    bpd = bits_per_dim(lambda t, x: jnp.zeros_like(x), images, key=jax.random.key(14), log_p0=log_uniform)
+    np.testing.assert_allclose(bpd, 8.0, rtol=1e-6)
+    bpd_k = bits_per_dim(
+        lambda t, x: jnp.zeros_like(x), images, key=jax.random.key(14), log_p0=log_uniform, num_samples=4
+    )
+    np.testing.assert_allclose(bpd_k, 8.0, rtol=1e-6)
+
+
+def test_bits_per_dim_of_a_gaussian_model_by_hand():
+    # velocity 0, standard-normal source: bpd = -(log N(z) + D log(2/256)) / (D log 2), same u draws
+    images = jax.random.randint(jax.random.key(15), (2, 6), 0, 256)
+    key = jax.random.key(16)
+    bpd = bits_per_dim(lambda t, x: jnp.zeros_like(x), images, key=key)
+    u = jax.random.uniform(jax.random.fold_in(jax.random.split(key)[0], 0), images.shape)
+    z = 2.0 / 256 * (images + u) - 1.0
+    expected = -(standard_normal_log_density(z) + 6 * math.log(2 / 256)) / (6 * math.log(2))
+    np.testing.assert_allclose(bpd, expected, rtol=1e-5)
+
+
+def test_bad_arguments_are_named():
+    x = jnp.zeros((2, 2))
+    field = lambda t, x: x
+    with pytest.raises(ValueError, match="key is required for divergence='hutchinson'"):
+        log_likelihood(field, x, divergence="hutchinson")
+    with pytest.raises(ValueError, match="divergence must be one of 'exact', 'hutchinson'"):
+        log_likelihood(field, x, divergence="trace")
+    with pytest.raises(ValueError, match="probe must be one of 'gaussian', 'rademacher'"):
+        log_likelihood(field, x, divergence="hutchinson", probe="sphere", key=jax.random.key(0))
+    with pytest.raises(ValueError, match="num_probes must be >= 1"):
+        log_likelihood(field, x, divergence="hutchinson", num_probes=0, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+        bits_per_dim(field, jnp.zeros((2, 2), jnp.int32), key=jax.random.key(0), num_samples=0)
