@@ -77,18 +77,19 @@ def divergence_exact(velocity: Velocity, t: jax.Array, x: jax.Array) -> tuple[ja
     """(v_t(x), div v_t(x)) with the exact divergence, per sample.
 
     Forward mode over one-hot tangents e_k (the same k for every sample): the k-th output component
-    of J e_k is J_kk for each sample. The tangents are batched (``EXACT_CHUNK`` at a time), so the
-    primal pass runs once and the D tangent passes run as large matrix products.
+    of J e_k is J_kk for each sample. The model is linearised once (one primal pass) and the D tangent
+    passes run batched, ``EXACT_CHUNK`` at a time, as large matrix products. Per-sample ``jacfwd`` and
+    reverse mode over basis cotangents cost the same to within 5% on a CPU (benchmarks/likelihood.py);
+    this form needs no per-sample reshaping of the model.
     """
     batch, dims = x.shape[0], x.shape[1:]
     size = math.prod(dims)
-    fn = lambda z: velocity(t, z)
+    out, jvp_fn = jax.linearize(lambda z: velocity(t, z), x)
 
     def column(k):
         tangent = jnp.zeros((batch, size), x.dtype).at[:, k].set(1).reshape(x.shape)
-        return jax.jvp(fn, (x,), (tangent,))[1].reshape(batch, size)[:, k]
+        return jvp_fn(tangent).reshape(batch, size)[:, k]
 
-    out = fn(x)
     diagonal = jax.lax.map(column, jnp.arange(size), batch_size=min(size, EXACT_CHUNK))
     return out, jnp.sum(diagonal, axis=0)
 

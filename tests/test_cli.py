@@ -135,7 +135,10 @@ def test_sample_and_nll_on_a_trained_run(tmp_path, capsys):
 )
 def test_run_commands_reject_bad_input(args, message, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--out", str(run), *SMALL, "--steps", "100", "--source", "gaussian", "--no-plots"]) == 0
+    assert (
+        main(["train", "--out", str(run), *SMALL, "--steps", "100", "--source", "gaussian", "--no-plots"])
+        == 0
+    )
     (tmp_path / "empty").mkdir()
     capsys.readouterr()
     paths = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "run": run}
@@ -146,7 +149,9 @@ def test_run_commands_reject_bad_input(args, message, tmp_path, capsys):
 
 def test_nll_needs_a_source_with_a_density(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--out", str(run), *SMALL, "--steps", "100", "--source", "moons", "--no-plots"]) == 0
+    assert (
+        main(["train", "--out", str(run), *SMALL, "--steps", "100", "--source", "moons", "--no-plots"]) == 0
+    )
     capsys.readouterr()
     assert main(["nll", str(run)]) == 2
     assert "'moons' has no closed-form density" in capsys.readouterr().err

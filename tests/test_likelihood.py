@@ -27,7 +27,9 @@ def test_exact_likelihood_of_a_linear_flow(dim, x64):
     result = log_likelihood(field, x1, rtol=1e-10, atol=1e-10)
     x0 = x1 @ jax.scipy.linalg.expm(-a).T
     np.testing.assert_allclose(result.x0, x0, rtol=1e-7, atol=1e-8)
-    np.testing.assert_allclose(result.log_p, standard_normal_log_density(x0) - jnp.trace(a), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        result.log_p, standard_normal_log_density(x0) - jnp.trace(a), rtol=1e-5, atol=1e-5
+    )
     assert result.log_p_stderr is None
 
 
@@ -58,13 +60,22 @@ def test_hutchinson_is_unbiased_with_honest_standard_errors(probe, x64):
     x1 = jax.random.normal(jax.random.key(6), (4, 8), jnp.float64)
     exact = log_likelihood(field, x1, rtol=1e-9, atol=1e-9).log_p
     estimate = log_likelihood(
-        field, x1, divergence="hutchinson", num_probes=400, probe=probe, key=jax.random.key(7), rtol=1e-9, atol=1e-9
+        field,
+        x1,
+        divergence="hutchinson",
+        num_probes=400,
+        probe=probe,
+        key=jax.random.key(7),
+        rtol=1e-9,
+        atol=1e-9,
     )
     z = (estimate.log_p - exact) / estimate.log_p_stderr
     assert float(jnp.max(jnp.abs(z))) < 4.5  # 4.5 standard errors: a false alarm is a ~1e-5 event
     assert bool(jnp.all(estimate.log_p_stderr > 0))
     # the standard error shrinks like 1/sqrt(K)
-    fewer = log_likelihood(field, x1, divergence="hutchinson", num_probes=100, probe=probe, key=jax.random.key(8))
+    fewer = log_likelihood(
+        field, x1, divergence="hutchinson", num_probes=100, probe=probe, key=jax.random.key(8)
+    )
     ratio = float(jnp.mean(fewer.log_p_stderr) / jnp.mean(estimate.log_p_stderr))
     assert 1.4 < ratio < 2.9
 
