@@ -30,6 +30,8 @@ __all__ = [
     "exact",
     "sinkhorn",
     "schrodinger_bridge",
+    "PerShard",
+    "GlobalBatch",
     "sample_plan_rows",
     "squared_distances",
     "COUPLINGS",
@@ -212,6 +214,96 @@ class Sinkhorn(Coupling):
             raise ValueError("key is required: the Sinkhorn coupling samples its plan")
         j = sample_plan_rows(key, self.plan(x0, x1))
         return jnp.arange(x0.shape[0], dtype=jnp.int32), j
+
+
+@dataclasses.dataclass(frozen=True)
+class PerShard(Coupling):
+    """Runs ``inner`` on each device's shard of a batch sharded over ``axis`` of ``mesh`` (scope "local").
+
+    Built by ``make_train_step`` for a coupling with ``scope="local"`` when it is given a mesh; each
+    shard draws from its own key (the shared key folded with the shard's index) and its pairs index
+    into the shard, so the gathered pairs never cross devices, as in TorchCFM's DDP training.
+    """
+
+    inner: Coupling
+    mesh: jax.sharding.Mesh
+    axis: str = "data"
+
+    @property
+    def uses_key(self) -> bool:
+        return self.inner.uses_key
+
+    @property
+    def scope(self) -> str:
+        return "local"
+
+    def pairs(self, key, x0, x1):
+        raise TypeError("PerShard couples sharded batches through apply(); call the inner coupling instead")
+
+    def apply(self, key, x0, x1):
+        from jax.sharding import PartitionSpec
+
+        data, replicated = PartitionSpec(self.axis), PartitionSpec()
+
+        def local(key, x0, x1):
+            if key is not None:
+                key = jax.random.fold_in(key, jax.lax.axis_index(self.axis))
+            a, b, (i, j) = self.inner.apply(key, x0, x1)
+            return a, b, i, j
+
+        a, b, i, j = jax.shard_map(
+            local,
+            mesh=self.mesh,
+            in_specs=(replicated, data, data),
+            out_specs=(data, data, data, data),
+            check_vma=False,
+        )(key, x0, x1)
+        return a, b, (i, j)
+
+
+jax.tree_util.register_static(PerShard)
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalBatch(Coupling):
+    """Runs ``inner`` on the whole global batch of a sharded step (scope "global").
+
+    Built by ``make_train_step`` for a coupling with ``scope="global"`` when it is given a mesh: the
+    batch is gathered (replicated) before coupling, and the coupled batch is resharded over ``axis``,
+    so each device trains on its slice of globally coupled pairs.
+    """
+
+    inner: Coupling
+    mesh: jax.sharding.Mesh
+    axis: str = "data"
+
+    @property
+    def uses_key(self) -> bool:
+        return self.inner.uses_key
+
+    @property
+    def scope(self) -> str:
+        return "global"
+
+    def pairs(self, key, x0, x1):
+        return self.inner.pairs(key, x0, x1)
+
+    def apply(self, key, x0, x1):
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        whole = NamedSharding(self.mesh, PartitionSpec())
+        sharded = NamedSharding(self.mesh, PartitionSpec(self.axis))
+        x0 = jax.lax.with_sharding_constraint(x0, whole)
+        x1 = jax.lax.with_sharding_constraint(x1, whole)
+        a, b, pairs = self.inner.apply(key, x0, x1)
+        return (
+            jax.lax.with_sharding_constraint(a, sharded),
+            jax.lax.with_sharding_constraint(b, sharded),
+            pairs,
+        )
+
+
+jax.tree_util.register_static(GlobalBatch)
 
 
 def independent(*, scope: str = "local") -> Independent:
