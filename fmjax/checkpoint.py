@@ -83,6 +83,34 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
         return _from_storable(restored, target)
 
+    def restore_latest_good(self, target: Any) -> tuple[Any, int | None, list[tuple[int, str]]]:
+        """Restore the newest checkpoint that reads back; set aside the ones that do not.
+
+        Returns ``(state, step, skipped)``: ``state`` is ``target`` and ``step`` None when no
+        checkpoint reads back; ``skipped`` lists (step, reason) for every unreadable checkpoint,
+        each renamed to ``<step>.corrupt`` (kept, never deleted) so that training can write that
+        step again.
+        """
+        skipped = []
+        for step in reversed(self.all_steps()):
+            try:
+                return self.restore(target, step), step, skipped
+            except Exception as error:  # any failure to read: truncated, partial or garbled files
+                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                skipped.append((step, reason[:200]))
+                self._set_aside(step)
+        return target, None, skipped
+
+    def _set_aside(self, step: int) -> None:
+        source = os.path.join(self.directory, str(step))
+        destination = source + ".corrupt"
+        suffix = 1
+        while os.path.exists(destination):
+            destination = f"{source}.corrupt{suffix}"
+            suffix += 1
+        os.rename(source, destination)
+        self._manager.reload()
+
     def close(self) -> None:
         """Wait for pending writes and release the manager."""
         self._manager.wait_until_finished()

@@ -78,7 +78,16 @@ def _add_train(sub) -> None:
     )
     p.add_argument("--log-every", type=int, default=defaults.log_every, help="steps per logged chunk")
     p.add_argument(
-        "--out", default=None, help="run directory (default: runs/train-<time>); must not hold a run"
+        "--checkpoint-every", type=int, default=defaults.checkpoint_every, help="steps between checkpoints"
+    )
+    p.add_argument(
+        "--keep-checkpoints", type=int, default=defaults.keep_checkpoints, help="newest checkpoints kept"
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="run directory (default: runs/train-<time>); a directory holding a run of the same "
+        "configuration is resumed from its latest checkpoint",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -101,17 +110,21 @@ def _cmd_train(args) -> int:
 
     config = _config_from_args(args)
     run_dir = args.out or _default_run_dir()
-    if os.path.exists(os.path.join(run_dir, runs.CONFIG_FILE)) or (
-        os.path.isdir(run_dir) and os.listdir(run_dir)
-    ):
-        raise _UsageError(f"--out {run_dir!r} already holds files; choose a new directory")
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise _UsageError(f"--out {run_dir!r} is a file, not a directory")
+    if (
+        os.path.isdir(run_dir)
+        and os.listdir(run_dir)
+        and not os.path.exists(os.path.join(run_dir, runs.CONFIG_FILE))
+    ):
+        raise _UsageError(f"--out {run_dir!r} already holds files but no fmjax run; choose a new directory")
 
     bar = tqdm(total=config.steps, desc="train", unit="step", disable=args.no_progress, dynamic_ncols=True)
     start = time.perf_counter()
     try:
-        run = runs.train(config, run_dir, progress=bar.update)
+        run = runs.train(config, run_dir, progress=bar.update, log=lambda message: bar.write(message))
+    except ValueError as error:
+        raise _UsageError(str(error)) from None
     finally:
         bar.close()
     train_time = time.perf_counter() - start

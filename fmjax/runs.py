@@ -16,7 +16,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -73,6 +73,8 @@ class RunConfig:
     eval_solver: str = "dopri5"
     eval_ema: bool = True
     log_every: int = 100
+    checkpoint_every: int = 5_000
+    keep_checkpoints: int = 3
 
     def __post_init__(self):
         check_choice("source", self.source, TOY_SAMPLERS)
@@ -86,7 +88,16 @@ class RunConfig:
                 f"eval_solver must be adaptive ({', '.join(n for n, s in SOLVERS.items() if s.adaptive)});"
                 f" got {self.eval_solver!r}"
             )
-        for name in ("steps", "batch_size", "width", "depth", "eval_samples", "log_every"):
+        for name in (
+            "steps",
+            "batch_size",
+            "width",
+            "depth",
+            "eval_samples",
+            "log_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+        ):
             check_int(name, getattr(self, name), low=1)
         check_int("seed", self.seed, low=0)
         if not isinstance(self.eval_ema, bool):
@@ -145,11 +156,33 @@ class Run:
         return cls(config=config, apply_fn=apply_fn, optimizer=optimizer, state=state)
 
 
-def _chunks(total: int, size: int) -> Iterator[int]:
-    done = 0
-    while done < total:
-        yield min(size, total - done)
-        done += size
+def _next_chunk(step: int, config: RunConfig) -> int:
+    """Steps to the next log or checkpoint boundary; depends on the step alone, so a resumed run
+    chunks (and so computes) exactly as an uninterrupted one."""
+    boundaries = (
+        (step // config.log_every + 1) * config.log_every,
+        (step // config.checkpoint_every + 1) * config.checkpoint_every,
+        config.steps,
+    )
+    return min(boundaries) - step
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_config(run_dir: str) -> RunConfig:
+    path = os.path.join(run_dir, CONFIG_FILE)
+    try:
+        with open(path) as f:
+            return RunConfig.from_json(json.load(f))
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as error:
+        raise ValueError(f"{path!r} is not an fmjax run configuration ({error})") from None
 
 
 def train(
@@ -157,23 +190,38 @@ def train(
     run_dir: str | os.PathLike,
     *,
     progress: Callable[[int], Any] | None = None,
+    log: Callable[[str], Any] | None = None,
 ) -> Run:
-    """Train ``config`` and write config, metrics and the final checkpoint into ``run_dir``.
+    """Train ``config`` in ``run_dir``, resuming exactly from its latest good checkpoint if it has one.
 
-    The step runs ``log_every`` times per dispatch inside ``lax.scan``, with both batches drawn on
-    the device; ``progress(n)`` is called after every chunk of n steps.
+    A new directory gets the config; one that holds a run must hold the same config (else a
+    ValueError names the differing fields). The step runs inside ``lax.scan`` up to the next log or
+    checkpoint boundary per dispatch, with both batches drawn on the device from (seed, step), so
+    data order and randomness are functions of the step: a run killed at any moment and started
+    again ends with the same parameters, bit for bit. Checkpoints are written every
+    ``checkpoint_every`` steps and at the end, keeping the last ``keep_checkpoints``; unreadable
+    ones are reported through ``log`` and set aside. ``progress(n)`` is called after every chunk.
     """
-    run = Run.build(config)
     run_dir = os.fspath(run_dir)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, CONFIG_FILE), "w") as f:
-        json.dump(config.to_json(), f, indent=2)
+    say = log or (lambda message: None)
+    config_path = os.path.join(run_dir, CONFIG_FILE)
+    if os.path.exists(config_path):
+        existing = _read_config(run_dir)
+        if existing != config:
+            changed = sorted(k for k, v in config.to_json().items() if existing.to_json().get(k) != v)
+            raise ValueError(
+                f"run directory {run_dir!r} belongs to a different configuration "
+                f"(differs in {', '.join(changed)}); use a new --out"
+            )
+    else:
+        os.makedirs(run_dir, exist_ok=True)
+        _write_atomic(config_path, json.dumps(config.to_json(), indent=2))
 
-    path = make_path(config.path, sigma=config.sigma)
+    run = Run.build(config)
     step = make_train_step(
         run.apply_fn,
         run.optimizer,
-        path=path,
+        path=make_path(config.path, sigma=config.sigma),
         coupling=config.make_coupling(),
         ema_decay=config.ema_decay,
         log_grad_norm=True,
@@ -190,24 +238,44 @@ def train(
     chunk = jax.jit(
         lambda state, n: jax.lax.scan(one, state, None, length=n), static_argnums=1, donate_argnums=0
     )
-    state = run.state
-    with open(os.path.join(run_dir, METRICS_FILE), "w") as log:
-        start = time.perf_counter()
-        for n in _chunks(config.steps, config.log_every):
-            state, metrics = chunk(state, n)
-            record = {
-                "step": int(state.step),
-                "loss": float(jnp.mean(metrics["loss"])),
-                "grad_norm": float(jnp.mean(metrics["grad_norm"])),
-                "time": round(time.perf_counter() - start, 3),
-            }
-            if not math.isfinite(record["loss"]):
-                raise FloatingPointError(f"loss became {record['loss']} by step {record['step']}")
-            log.write(json.dumps(record) + "\n")
+    metrics_path = os.path.join(run_dir, METRICS_FILE)
+    with Checkpointer(os.path.join(run_dir, CHECKPOINT_DIR), max_to_keep=config.keep_checkpoints) as ckpt:
+        state, resumed, skipped = ckpt.restore_latest_good(run.state)
+        for bad, reason in skipped:
+            say(f"checkpoint {bad} is unreadable ({reason}); set aside as {bad}.corrupt")
+        done = 0 if resumed is None else int(state.step)
+        records = []
+        if os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                records = [json.loads(line) for line in f if line.strip()]
+        # keep the training records up to the resumed step; later ones are recomputed identically
+        kept = [r for r in records if "event" not in r and r.get("step", 0) <= done]
+        _write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        if resumed is not None:
+            say(f"resuming from checkpoint {resumed}")
             if progress is not None:
-                progress(n)
-    with Checkpointer(os.path.join(run_dir, CHECKPOINT_DIR), max_to_keep=3) as ckpt:
-        ckpt.save(int(state.step), state)
+                progress(done)
+        start = time.perf_counter()
+        with open(metrics_path, "a") as metrics_log:
+            while done < config.steps:
+                n = _next_chunk(done, config)
+                state, metrics = chunk(state, n)
+                done += n
+                record = {
+                    "step": done,
+                    "loss": float(jnp.mean(metrics["loss"])),
+                    "grad_norm": float(jnp.mean(metrics["grad_norm"])),
+                    "time": round(time.perf_counter() - start, 3),
+                }
+                if not math.isfinite(record["loss"]):
+                    raise FloatingPointError(f"loss became {record['loss']} by step {done}")
+                if done % config.log_every == 0 or done == config.steps:
+                    metrics_log.write(json.dumps(record) + "\n")
+                    metrics_log.flush()
+                if done % config.checkpoint_every == 0 or done == config.steps:
+                    ckpt.save(done, state)
+                if progress is not None:
+                    progress(n)
     run.state = state
     return run
 
@@ -220,10 +288,11 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         raise FileNotFoundError(f"run directory {run_dir!r} does not exist")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{run_dir!r} is not an fmjax run: no {CONFIG_FILE}")
-    with open(config_path) as f:
-        config = RunConfig.from_json(json.load(f))
+    config = _read_config(run_dir)
     run = Run.build(config)
     with Checkpointer(os.path.join(run_dir, CHECKPOINT_DIR)) as ckpt:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"run {run_dir!r} has no checkpoint yet")
         run.state = ckpt.restore(run.state)
     return run
 

@@ -71,14 +71,32 @@ def test_bad_arguments_print_one_line_and_exit_2(args, message, capsys, tmp_path
     assert not (tmp_path / "x").exists()
 
 
-def test_an_existing_run_is_never_overwritten(tmp_path, capsys):
+def test_a_directory_that_is_not_a_run_is_never_written(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    assert main(["train", "--out", str(out), *SMALL]) == 2
+    assert "already holds files but no fmjax run" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["notes.txt"] and (out / "notes.txt").read_text() == "precious"
+
+
+def test_a_broken_config_is_reported_and_kept(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.json").write_text("precious")
     assert main(["train", "--out", str(out), *SMALL]) == 2
-    assert "already holds files" in capsys.readouterr().err
-    assert (out / "config.json").read_text() == "precious"
-    assert sorted(os.listdir(out)) == ["config.json"]
+    assert "is not an fmjax run configuration" in capsys.readouterr().err
+    assert (out / "config.json").read_text() == "precious" and sorted(os.listdir(out)) == ["config.json"]
+
+
+def test_a_run_of_another_configuration_is_not_touched(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *SMALL, "--no-plots"]) == 0
+    before = {p: (out / p).read_bytes() for p in ("config.json", "metrics.jsonl", "summary.json")}
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), *SMALL, "--no-plots", "--width", "32"]) == 2
+    assert "belongs to a different configuration (differs in width)" in capsys.readouterr().err
+    assert {p: (out / p).read_bytes() for p in before} == before
 
 
 def test_console_script_runs(tmp_path):
