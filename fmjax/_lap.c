@@ -18,6 +18,30 @@
 
 #define LANES 8
 
+/* Merge per-lane (min, second min, argmin) into the row's, then scan the tail from j on. */
+static inline int merge_lanes(const float *m1, const float *m2, const int *i1, int lanes, const float *c,
+                              const float *v, int j, int n, float *m1out, float *m2out) {
+    float best = FLT_MAX, second = FLT_MAX;
+    int j1 = 0;
+    for (int k = 0; k < lanes; k++) {
+        if (m1[k] < best || (m1[k] == best && i1[k] < j1)) {
+            second = best < second ? best : second;
+            if (m1[k] < best) { best = m1[k]; } else { second = m1[k]; }
+            j1 = i1[k];
+        } else if (m1[k] < second) second = m1[k];
+        if (m2[k] < second) second = m2[k];
+    }
+    for (; j < n; j++) {
+        float h = c[j] - v[j];
+        if (h < best) { second = best; best = h; j1 = j; }
+        else if (h < second) second = h;
+    }
+    *m1out = best;
+    *m2out = second;
+    return j1;
+}
+
+
 /* Smallest and second smallest of h[j] = c[j] - v[j] over a row, and the first index of the smallest.
  * Per-lane running (min, second min) pairs keep the scan free of branches (SSE2 where available). */
 static int best_two_base(const float *c, const float *v, int n, float *m1out, float *m2out) {
@@ -58,24 +82,7 @@ static int best_two_base(const float *c, const float *v, int n, float *m1out, fl
         }
     }
 #endif
-    float best = FLT_MAX, second = FLT_MAX;
-    int j1 = 0;
-    for (int k = 0; k < LANES; k++) {
-        if (m1[k] < best || (m1[k] == best && i1[k] < j1)) {
-            second = best < second ? best : second;
-            if (m1[k] < best) { best = m1[k]; } else { second = m1[k]; }
-            j1 = i1[k];
-        } else if (m1[k] < second) second = m1[k];
-        if (m2[k] < second) second = m2[k];
-    }
-    for (; j < n; j++) {
-        float h = c[j] - v[j];
-        if (h < best) { second = best; best = h; j1 = j; }
-        else if (h < second) second = h;
-    }
-    *m1out = best;
-    *m2out = second;
-    return j1;
+    return merge_lanes(m1, m2, i1, LANES, c, v, j, n, m1out, m2out);
 }
 
 
@@ -110,24 +117,7 @@ __attribute__((target("avx2"))) static int best_two_avx2(const float *c, const f
     _mm256_storeu_ps(m2 + 8, b2);
     _mm256_storeu_si256((__m256i *)i1, ia);
     _mm256_storeu_si256((__m256i *)(i1 + 8), ib);
-    float best = FLT_MAX, second = FLT_MAX;
-    int j1 = 0;
-    for (int k = 0; k < 16; k++) {
-        if (m1[k] < best || (m1[k] == best && i1[k] < j1)) {
-            second = best < second ? best : second;
-            if (m1[k] < best) { best = m1[k]; } else { second = m1[k]; }
-            j1 = i1[k];
-        } else if (m1[k] < second) second = m1[k];
-        if (m2[k] < second) second = m2[k];
-    }
-    for (; j < n; j++) {
-        float h = c[j] - v[j];
-        if (h < best) { second = best; best = h; j1 = j; }
-        else if (h < second) second = h;
-    }
-    *m1out = best;
-    *m2out = second;
-    return j1;
+    return merge_lanes(m1, m2, i1, 16, c, v, j, n, m1out, m2out);
 }
 #endif
 

@@ -217,13 +217,8 @@ class Sinkhorn(Coupling):
 
 
 @dataclasses.dataclass(frozen=True)
-class PerShard(Coupling):
-    """Runs ``inner`` on each device's shard of a batch sharded over ``axis`` of ``mesh`` (scope "local").
-
-    Built by ``make_train_step`` for a coupling with ``scope="local"`` when it is given a mesh; each
-    shard draws from its own key (the shared key folded with the shard's index) and its pairs index
-    into the shard, so the gathered pairs never cross devices, as in TorchCFM's DDP training.
-    """
+class _OnMesh(Coupling):
+    """A coupling ``inner`` placed on the data axis ``axis`` of ``mesh`` by ``make_train_step``."""
 
     inner: Coupling
     mesh: jax.sharding.Mesh
@@ -233,12 +228,22 @@ class PerShard(Coupling):
     def uses_key(self) -> bool:
         return self.inner.uses_key
 
+    def pairs(self, key, x0, x1):
+        return self.inner.pairs(key, x0, x1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PerShard(_OnMesh):
+    """Runs ``inner`` on each device's shard of a batch sharded over ``axis`` of ``mesh`` (scope "local").
+
+    Built by ``make_train_step`` for a coupling with ``scope="local"`` when it is given a mesh; each
+    shard draws from its own key (the shared key folded with the shard's index) and its pairs index
+    into the shard, so the gathered pairs never cross devices, as in TorchCFM's DDP training.
+    """
+
     @property
     def scope(self) -> str:
         return "local"
-
-    def pairs(self, key, x0, x1):
-        raise TypeError("PerShard couples sharded batches through apply(); call the inner coupling instead")
 
     def apply(self, key, x0, x1):
         from jax.sharding import PartitionSpec
@@ -265,7 +270,7 @@ jax.tree_util.register_static(PerShard)
 
 
 @dataclasses.dataclass(frozen=True)
-class GlobalBatch(Coupling):
+class GlobalBatch(_OnMesh):
     """Runs ``inner`` on the whole global batch of a sharded step (scope "global").
 
     Built by ``make_train_step`` for a coupling with ``scope="global"`` when it is given a mesh: the
@@ -273,20 +278,9 @@ class GlobalBatch(Coupling):
     so each device trains on its slice of globally coupled pairs.
     """
 
-    inner: Coupling
-    mesh: jax.sharding.Mesh
-    axis: str = "data"
-
-    @property
-    def uses_key(self) -> bool:
-        return self.inner.uses_key
-
     @property
     def scope(self) -> str:
         return "global"
-
-    def pairs(self, key, x0, x1):
-        return self.inner.pairs(key, x0, x1)
 
     def apply(self, key, x0, x1):
         from jax.sharding import NamedSharding, PartitionSpec
