@@ -14,12 +14,13 @@ are jit-able.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 
-from fmjax._checks import check_batch, check_choice, check_int, check_real
+from fmjax._checks import check_batch, check_choice, check_int, check_real, lookup
 
 __all__ = [
     "Coupling",
@@ -41,7 +42,7 @@ __all__ = [
 SCOPES = ("local", "global")
 
 
-class Coupling:
+class Coupling(abc.ABC):
     """Base class of couplings: ``__call__(key, x0, x1) -> (i, j)``.
 
     ``scope`` says what a coupling sees when the batch is sharded over devices: "local" couples each
@@ -51,9 +52,9 @@ class Coupling:
     scope: str = "local"
     uses_key: bool = False  # whether the coupling draws random numbers (else key may be None)
 
+    @abc.abstractmethod
     def pairs(self, key: jax.Array, x0: jax.Array, x1: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Return (i, j) for a single, unsharded batch; subclasses implement this."""
-        raise NotImplementedError(f"{type(self).__name__} must define pairs(key, x0, x1)")
 
     def __call__(self, key: jax.Array, x0: jax.Array, x1: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Couple the batches ``x0`` and ``x1`` (shape [n, *dims] each); return (i, j) of shape [n]."""
@@ -356,6 +357,4 @@ COUPLINGS = {
 
 def make_coupling(name: str, **kwargs) -> Coupling:
     """Build a coupling by name (see ``COUPLINGS``) with the factory's keyword arguments."""
-    from fmjax._checks import lookup
-
     return lookup("coupling", name, COUPLINGS)(**kwargs)

@@ -23,6 +23,7 @@ functions freely.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from typing import NamedTuple
@@ -30,7 +31,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fmjax._checks import check_batch, check_pair, check_real
+from fmjax._checks import check_batch, check_pair, check_real, lookup
 
 __all__ = [
     "PathSample",
@@ -82,7 +83,7 @@ def _expand(t: jax.Array, x: jax.Array) -> jax.Array:
     return t.reshape(t.shape + (1,) * (x.ndim - 1))
 
 
-class AffinePath:
+class AffinePath(abc.ABC):
     """Base class of paths x_t = a_t x0 + b_t x1 + s_t eps.
 
     Subclasses implement ``schedule(t)``; ``schedule_derivative(t)`` defaults to forward-mode
@@ -93,9 +94,9 @@ class AffinePath:
 
     stochastic: bool = False
 
+    @abc.abstractmethod
     def schedule(self, t: jax.Array) -> Schedule:
         """Return the coefficients (a_t, b_t, s_t) at times ``t``."""
-        raise NotImplementedError(f"{type(self).__name__} must define schedule(t)")
 
     def schedule_derivative(self, t: jax.Array) -> Schedule:
         """Return (a'_t, b'_t, s'_t), the time derivatives of ``schedule`` at times ``t``."""
@@ -342,8 +343,6 @@ PATHS = {
 
 def make_path(name: str, *, sigma: float | None = None) -> AffinePath:
     """Build a path by name (see ``PATHS``); ``sigma`` sets sigma_min / sigma where the path has one."""
-    from fmjax._checks import lookup
-
     cls = lookup("path", name, PATHS)
     if sigma is None:
         return cls()
