@@ -248,8 +248,8 @@ def train(
         if os.path.exists(metrics_path):
             with open(metrics_path) as f:
                 records = [json.loads(line) for line in f if line.strip()]
-        # keep the training records up to the resumed step; later ones are recomputed identically
-        kept = [r for r in records if "event" not in r and r.get("step", 0) <= done]
+        # training records past the resumed step are recomputed identically; everything else stays
+        kept = [r for r in records if "event" in r or r.get("step", 0) <= done]
         _write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         if resumed is not None:
             say(f"resuming from checkpoint {resumed}")

@@ -173,3 +173,14 @@ def test_nll_needs_a_source_with_a_density(tmp_path, capsys):
     capsys.readouterr()
     assert main(["nll", str(run)]) == 2
     assert "'moons' has no closed-form density" in capsys.readouterr().err
+
+
+def test_rerunning_a_finished_run_keeps_its_records(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), *SMALL, "--source", "gaussian", "--no-plots"]
+    assert main(args) == 0
+    assert main(["nll", str(out), "--n", "50"]) == 0
+    before = (out / "metrics.jsonl").read_text().splitlines()
+    assert main(args) == 0  # nothing left to train: evaluates again
+    after = (out / "metrics.jsonl").read_text().splitlines()
+    assert after[: len(before)] == before and json.loads(after[-1])["event"] == "eval"
