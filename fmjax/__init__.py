@@ -2,11 +2,12 @@
 
 Probability paths (``fmjax.paths``), minibatch couplings (``fmjax.couplings``), the pure CFM loss
 (``fmjax.losses``), a jitted training step (``fmjax.training``), diffrax sampling
-(``fmjax.sampling``), metrics, checkpoints, data and Flax models.
+(``fmjax.sampling``), log-likelihoods (``fmjax.likelihood``), metrics, checkpoints, data and Flax models.
 """
 
 from fmjax.checkpoint import Checkpointer
-from fmjax.couplings import Coupling, independent
+from fmjax.couplings import Coupling, exact, independent, schrodinger_bridge, sinkhorn
+from fmjax.likelihood import LikelihoodResult, bits_per_dim, log_likelihood
 from fmjax.losses import LossAux, cfm_loss
 from fmjax.metrics import normalized_path_energy, path_energy, wasserstein2
 from fmjax.paths import (
@@ -25,6 +26,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AffinePath",
+    "LikelihoodResult",
+    "bits_per_dim",
+    "exact",
+    "log_likelihood",
+    "schrodinger_bridge",
+    "sinkhorn",
     "Checkpointer",
     "CondOT",
     "Coupling",
