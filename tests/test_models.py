@@ -45,3 +45,54 @@ def test_bad_arguments():
     apply_fn, params = functional(MLP(dim=2))
     with pytest.raises(ValueError, match="3 data dimensions per sample, the MLP 2"):
         apply_fn(params, jnp.zeros(1), jnp.zeros((1, 3)))
+
+
+@pytest.mark.parametrize(
+    ("shape", "mults"), [((2, 8, 8, 1), (1, 2)), ((2, 28, 28, 1), (1, 2, 2)), ((1, 8, 8, 3), (1,))]
+)
+def test_unet_keeps_the_image_shape_and_depends_on_time(shape, mults):
+    from fmjax.models import UNet
+
+    apply_fn, params = functional(UNet(in_channels=shape[-1], channels=8, channel_mults=mults, groups=4))
+    x = jax.random.normal(jax.random.key(0), shape)
+    out = jax.jit(apply_fn)(params, jnp.zeros(shape[0]), x)
+    assert out.shape == shape and bool(jnp.all(jnp.isfinite(out)))
+    assert not np.allclose(out, apply_fn(params, jnp.full(shape[0], 0.7), x))
+
+
+def test_unet_is_per_sample_and_trains():
+    import optax
+
+    from fmjax.models import UNet
+    from fmjax.paths import CondOT
+    from fmjax.training import TrainState, make_train_step
+
+    apply_fn, params = functional(UNet(channels=8, channel_mults=(1, 2), groups=4))
+    x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
+    t = jnp.array([0.1, 0.2, 0.3, 0.4])
+    # no batch statistics: a sample's output does not depend on the others (needed by the likelihood)
+    np.testing.assert_allclose(
+        apply_fn(params, t, x)[:2], apply_fn(params, t[:2], x[:2]), rtol=1e-5, atol=1e-5
+    )
+    optimizer = optax.adam(1e-3)
+    state = TrainState.create(params=params, optimizer=optimizer, key=jax.random.key(2))
+    step = make_train_step(apply_fn, optimizer, path=CondOT(sigma_min=1e-4))
+    losses = []
+    for _ in range(30):
+        state, metrics = step(
+            state, jax.random.normal(jax.random.key(3), (8, 8, 8, 1)), jnp.ones((8, 8, 8, 1))
+        )
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_unet_rejects_bad_shapes():
+    from fmjax.models import UNet
+
+    apply_fn, params = functional(UNet(channels=8, channel_mults=(1, 2, 2), groups=4))
+    with pytest.raises(ValueError, match="image size 10x10 must be divisible by 4"):
+        apply_fn(params, jnp.zeros(1), jnp.zeros((1, 10, 10, 1)))
+    with pytest.raises(ValueError, match=r"x must have shape \[batch, H, W, C\]"):
+        apply_fn(params, jnp.zeros(1), jnp.zeros((1, 8, 8)))
+    with pytest.raises(ValueError, match="channel_mults must be a non-empty tuple"):
+        UNet(channel_mults=())

@@ -1,4 +1,4 @@
-"""Flax NNX velocity fields and the bridge to fmjax's functional ``apply_fn(params, t, x)`` contract."""
+"""Flax NNX velocity fields (MLP, UNet) and the bridge to the ``apply_fn(params, t, x)`` contract."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import jax
 from flax import nnx
 
 from fmjax.models.mlp import ACTIVATIONS, MLP
+from fmjax.models.unet import UNet
 
-__all__ = ["MLP", "ACTIVATIONS", "functional"]
+__all__ = ["MLP", "UNet", "ACTIVATIONS", "functional"]
 
 
 def functional(model: nnx.Module) -> tuple[Callable[[Any, jax.Array, jax.Array], jax.Array], Any]:
