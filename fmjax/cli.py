@@ -89,6 +89,11 @@ def _add_train(sub) -> None:
         help="run directory (default: runs/train-<time>); a directory holding a run of the same "
         "configuration is resumed from its latest checkpoint",
     )
+    p.add_argument("--coordinator", default=None, help="HOST:PORT of process 0, for a multi-process run")
+    p.add_argument("--num-processes", type=int, default=None, help="processes in a multi-process run")
+    p.add_argument(
+        "--process-id", type=int, default=None, help="this process's index, 0 .. num-processes - 1"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
@@ -103,12 +108,33 @@ def _config_from_args(args):
         raise _UsageError(str(error)) from None
 
 
+def _init_distributed(args) -> None:
+    """Join a multi-process run through jax.distributed (gloo collectives on CPU)."""
+    given = [args.coordinator is not None, args.num_processes is not None, args.process_id is not None]
+    if not any(given):
+        return
+    if not all(given):
+        raise _UsageError("--coordinator, --num-processes and --process-id go together")
+    if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+        raise _UsageError(
+            f"--process-id must be in 0 .. {args.num_processes - 1} and --num-processes >= 1; "
+            f"got {args.process_id} of {args.num_processes}"
+        )
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id
+    )
+
+
 def _cmd_train(args) -> int:
     from tqdm import tqdm
 
     from fmjax import runs
 
     config = _config_from_args(args)
+    _init_distributed(args)
     run_dir = args.out or _default_run_dir()
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise _UsageError(f"--out {run_dir!r} is a file, not a directory")
@@ -128,6 +154,10 @@ def _cmd_train(args) -> int:
     finally:
         bar.close()
     train_time = time.perf_counter() - start
+    import jax
+
+    if jax.process_index() != 0:  # process 0 evaluates and reports
+        return 0
     summary = runs.evaluate(run, run_dir, plots=not args.no_plots)
     print(f"run directory: {run_dir}")
     print(f"trained {config.steps} steps in {train_time:.1f} s")

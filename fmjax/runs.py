@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fmjax._checks import check_choice, check_int, check_real
 from fmjax.checkpoint import Checkpointer
@@ -168,7 +169,7 @@ def _next_chunk(step: int, config: RunConfig) -> int:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
@@ -218,6 +219,9 @@ def train(
         _write_atomic(config_path, json.dumps(config.to_json(), indent=2))
 
     run = Run.build(config)
+    # several processes (jax.distributed): data parallel over every device, state replicated
+    mesh = Mesh(np.array(jax.devices()), ("data",)) if jax.process_count() > 1 else None
+    writer = jax.process_index() == 0
     step = make_train_step(
         run.apply_fn,
         run.optimizer,
@@ -225,6 +229,7 @@ def train(
         coupling=config.make_coupling(),
         ema_decay=config.ema_decay,
         log_grad_norm=True,
+        mesh=mesh,
     )
     data_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
 
@@ -235,12 +240,20 @@ def train(
         x1 = toy_sample(config.target, k1, config.batch_size)
         return step(state, x0, x1)
 
-    chunk = jax.jit(
-        lambda state, n: jax.lax.scan(one, state, None, length=n), static_argnums=1, donate_argnums=0
-    )
+    def scan(state, n):
+        state, metrics = jax.lax.scan(one, state, None, length=n)
+        return state, jnp.mean(metrics["loss"]), jnp.mean(metrics["grad_norm"])
+
+    initial = run.state
+    if mesh is None:
+        chunk = jax.jit(scan, static_argnums=1, donate_argnums=0)
+    else:
+        replicated = NamedSharding(mesh, PartitionSpec())
+        initial = jax.device_put(initial, replicated)
+        chunk = jax.jit(scan, static_argnums=1, donate_argnums=0, out_shardings=replicated)
     metrics_path = os.path.join(run_dir, METRICS_FILE)
     with Checkpointer(os.path.join(run_dir, CHECKPOINT_DIR), max_to_keep=config.keep_checkpoints) as ckpt:
-        state, resumed, skipped = ckpt.restore_latest_good(run.state)
+        state, resumed, skipped = ckpt.restore_latest_good(initial)
         for bad, reason in skipped:
             say(f"checkpoint {bad} is unreadable ({reason}); set aside as {bad}.corrupt")
         done = 0 if resumed is None else int(state.step)
@@ -250,21 +263,22 @@ def train(
                 records = [json.loads(line) for line in f if line.strip()]
         # training records past the resumed step are recomputed identically; everything else stays
         kept = [r for r in records if "event" in r or r.get("step", 0) <= done]
-        _write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        if writer:
+            _write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         if resumed is not None:
             say(f"resuming from checkpoint {resumed}")
             if progress is not None:
                 progress(done)
         start = time.perf_counter()
-        with open(metrics_path, "a") as metrics_log:
+        with open(metrics_path if writer else os.devnull, "a") as metrics_log:
             while done < config.steps:
                 n = _next_chunk(done, config)
-                state, metrics = chunk(state, n)
+                state, loss, grad_norm = chunk(state, n)
                 done += n
                 record = {
                     "step": done,
-                    "loss": float(jnp.mean(metrics["loss"])),
-                    "grad_norm": float(jnp.mean(metrics["grad_norm"])),
+                    "loss": float(loss),
+                    "grad_norm": float(grad_norm),
                     "time": round(time.perf_counter() - start, 3),
                 }
                 if not math.isfinite(record["loss"]):
@@ -276,6 +290,8 @@ def train(
                     ckpt.save(done, state)
                 if progress is not None:
                     progress(n)
+    if mesh is not None:  # a host copy of the replicated state, for evaluation on one process
+        state = jax.tree.map(lambda a: jnp.asarray(a.addressable_data(0)), state)
     run.state = state
     return run
 

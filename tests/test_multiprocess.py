@@ -1,0 +1,89 @@
+"""Two processes on 127.0.0.1 (jax.distributed, gloo) train what one process trains on one global batch."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from fmjax.cli import main
+from fmjax.runs import load_run
+
+FMJAX = os.path.join(os.path.dirname(sys.executable), "fmjax")
+ARGS = [
+    "--steps", "400", "--batch-size", "64", "--width", "16", "--log-every", "100",
+    "--checkpoint-every", "200", "--eval-samples", "200", "--no-progress", "--no-plots",
+]  # fmt: skip
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [r["loss"] for r in map(json.loads, f) if "event" not in r]
+
+
+def test_two_processes_match_one(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    port = _free_port()
+    multi = tmp_path / "two"
+    processes = [
+        subprocess.Popen(
+            [
+                FMJAX,
+                "train",
+                "--out",
+                str(multi),
+                *ARGS,
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    single = tmp_path / "one"
+    done = subprocess.run(
+        [FMJAX, "train", "--out", str(single), *ARGS], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    for process in processes:
+        output, _ = process.communicate(timeout=300)
+        assert process.returncode == 0, output[-2000:]
+    assert np.allclose(_losses(multi), _losses(single), rtol=1e-5, atol=1e-6) and len(_losses(multi)) == 4
+    a, b = load_run(multi), load_run(single)
+    for x, y in zip(jax.tree.leaves(a.state.params), jax.tree.leaves(b.state.params), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+    assert sorted(os.listdir(multi / "checkpoints")) == ["200", "400"]
+    assert json.loads((multi / "summary.json").read_text())["step"] == 400
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--coordinator", "127.0.0.1:1234"], "--coordinator, --num-processes and --process-id go together"),
+        (
+            ["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"],
+            "--process-id must be in 0 .. 1",
+        ),
+    ],
+)
+def test_bad_process_flags(extra, message, tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "x"), *extra]) == 2
+    assert message in capsys.readouterr().err
