@@ -1,4 +1,4 @@
-"""Data: 2D toy samplers (``fmjax.data.toy``)."""
+"""Data: 2D toy samplers (``fmjax.data.toy``) and image datasets via tfds (``fmjax.data.tfds_sources``)."""
 
 from fmjax.data.toy import TOY_LOG_DENSITIES, TOY_SAMPLERS, log_density, sample
 

@@ -1,0 +1,161 @@
+"""Image datasets through tensorflow-datasets data sources (array_record files, no TensorFlow needed).
+
+- ``digits``: scikit-learn's bundled 1797 8x8 digits, prepared offline by ``SklearnDigits`` (pixel values
+  0..16 rescaled to 0..255, shape [8, 8, 1] uint8; a fixed 80/20 train/test split).
+- ``mnist``, ``cifar10``: ``tfds.data_source`` on tfds's own builders (these download on first use; tests use
+  ``tfds.testing.mock_data``).
+
+``batches`` turns a data source into deterministic, per-epoch shuffled, per-process sharded, prefetched
+batches.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from fmjax._checks import check_choice, check_int
+
+__all__ = ["SklearnDigits", "DATASETS", "data_source", "batches", "to_model_space"]
+
+DATASETS = ("digits", "mnist", "cifar10")
+SPLITS = ("train", "test")
+
+
+def default_data_dir() -> str:
+    """Where prepared datasets live: $FMJAX_DATA_DIR, else ~/.cache/fmjax/tensorflow_datasets."""
+    return os.environ.get("FMJAX_DATA_DIR", os.path.join(os.path.expanduser("~"), ".cache", "fmjax", "tfds"))
+
+
+class SklearnDigits(tfds.core.GeneratorBasedBuilder):
+    """scikit-learn's digits as a tfds dataset: 1437 train and 360 test images of shape [8, 8, 1], uint8."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "scikit-learn's load_digits, values scaled 16 -> 255, 80/20 split with seed 0."}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Tensor(shape=(8, 8, 1), dtype=np.uint8),
+                    "label": tfds.features.ClassLabel(num_classes=10),
+                }
+            ),
+            supervised_keys=("image", "label"),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # nothing to download: the data ships with scikit-learn
+        return {"train": self._generate_examples("train"), "test": self._generate_examples("test")}
+
+    def _generate_examples(self, split: str):
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+        order = np.random.default_rng(0).permutation(len(images))
+        cut = int(0.8 * len(order))
+        for index in order[:cut] if split == "train" else order[cut:]:
+            yield int(index), {"image": images[index], "label": int(digits.target[index])}
+
+
+def data_source(name: str, *, split: str = "train", data_dir: str | None = None) -> Any:
+    """A random-access data source of ``name`` (one of ``DATASETS``); records are dicts with image and label.
+
+    ``digits`` is prepared on first use from scikit-learn's copy (offline, well under a second).
+    """
+    check_choice("dataset", name, DATASETS)
+    check_choice("split", split, SPLITS)
+    data_dir = data_dir or default_data_dir()
+    if name == "digits":
+        builder = SklearnDigits(data_dir=data_dir, file_format="array_record")
+        builder.download_and_prepare()
+        return builder.as_data_source(split=split)
+    return tfds.data_source(name, split=split, data_dir=data_dir)
+
+
+def to_model_space(images: np.ndarray) -> np.ndarray:
+    """uint8 images in 0..255 to float32 in [-1, 1]: x / 127.5 - 1."""
+    return images.astype(np.float32) / 127.5 - 1.0
+
+
+def _epoch_indices(size: int, seed: int, epoch: int, process_index: int, process_count: int) -> np.ndarray:
+    order = np.random.default_rng([seed, epoch]).permutation(size)
+    return order[process_index::process_count]
+
+
+def batches(
+    source: Any,
+    *,
+    batch_size: int,
+    seed: int = 0,
+    start_epoch: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    prefetch: int = 2,
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Yield ``(epoch, images, labels)`` batches forever, ``batch_size`` per process.
+
+    Every epoch is a fresh permutation of the whole source drawn from (seed, epoch), so the order is
+    deterministic and a resumed run can start at any epoch; process ``process_index`` of
+    ``process_count`` takes every ``process_count``-th index of it, so processes see disjoint shares.
+    Incomplete final batches are dropped. A background thread keeps ``prefetch`` batches ready.
+    """
+    check_int("batch_size", batch_size, low=1)
+    check_int("process_count", process_count, low=1)
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index must be in 0 .. {process_count - 1}; got {process_index}")
+    size = len(source)
+    if size == 0:
+        raise ValueError("the data source is empty")
+    if size // process_count < batch_size:
+        raise ValueError(
+            f"batch_size {batch_size} is larger than this process's share of the data "
+            f"({size // process_count})"
+        )
+
+    def produce(out: queue.Queue, stop: threading.Event):
+        try:
+            fill(out, stop)
+        except Exception as error:  # handed to the consumer, which raises it
+            out.put(error)
+
+    def fill(out: queue.Queue, stop: threading.Event):
+        epoch = start_epoch
+        while not stop.is_set():
+            indices = _epoch_indices(size, seed, epoch, process_index, process_count)
+            for begin in range(0, len(indices) - batch_size + 1, batch_size):
+                records = [source[int(i)] for i in indices[begin : begin + batch_size]]
+                item = (
+                    epoch,
+                    np.stack([r["image"] for r in records]),
+                    np.asarray([r["label"] for r in records], np.int32),
+                )
+                while not stop.is_set():
+                    try:
+                        out.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            epoch += 1
+
+    ready: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+    stop = threading.Event()
+    worker = threading.Thread(target=produce, args=(ready, stop), daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = ready.get()
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        stop.set()
