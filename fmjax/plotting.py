@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 
 from fmjax.sampling import Trajectory  # noqa: E402
 
-__all__ = ["samples", "trajectories", "loss_curve"]
+__all__ = ["samples", "trajectories", "loss_curve", "image_grid"]
 
 
 def samples(filename: str, generated: np.ndarray, target: np.ndarray, *, title: str = "") -> None:
@@ -57,6 +57,22 @@ def loss_curve(filename: str, metrics_file: str) -> None:
     ax.set_ylabel("CFM loss")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(filename, dpi=120)
+    plt.close(fig)
+
+
+def image_grid(filename: str, images: np.ndarray, *, title: str = "") -> None:
+    """Save uint8 images [n, H, W, C] as a square grid PNG."""
+    n = len(images)
+    side = int(np.ceil(np.sqrt(n)))
+    fig, axes = plt.subplots(side, side, figsize=(side * 0.8, side * 0.8))
+    for k, ax in enumerate(np.atleast_1d(axes).ravel()):
+        ax.axis("off")
+        if k < n:
+            image = images[k]
+            ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=255)
+    fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(filename, dpi=120)
     plt.close(fig)

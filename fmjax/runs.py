@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from fmjax._checks import check_choice, check_int, check_real
 from fmjax.checkpoint import Checkpointer
 from fmjax.couplings import COUPLINGS, make_coupling
+from fmjax.data.tfds_sources import DATASETS
 from fmjax.data.toy import TOY_SAMPLERS
 from fmjax.data.toy import sample as toy_sample
 from fmjax.metrics import normalized_path_energy, path_energy, wasserstein2
@@ -44,6 +45,7 @@ SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
 SIGMA_PATHS = ("condot", "linear", "sb")
 DEFAULT_SIGMA = 0.1
+DEFAULT_SIGMA_IMAGES = 1e-4
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -58,7 +60,8 @@ class RunConfig:
 
     source: str = "8gaussians"
     target: str = "moons"
-    path: str = "linear"
+    dataset: str | None = None
+    path: str | None = None
     sigma: float | None = None
     coupling: str = "independent"
     steps: int = 20_000
@@ -78,6 +81,10 @@ class RunConfig:
     keep_checkpoints: int = 3
 
     def __post_init__(self):
+        if self.dataset is not None:
+            check_choice("dataset", self.dataset, DATASETS)
+        if self.path is None:
+            object.__setattr__(self, "path", "linear" if self.dataset is None else "condot")
         check_choice("source", self.source, TOY_SAMPLERS)
         check_choice("target", self.target, TOY_SAMPLERS)
         check_choice("path", self.path, PATHS)
@@ -107,7 +114,7 @@ class RunConfig:
         check_real("weight_decay", self.weight_decay, low=0.0)
         check_real("ema_decay", self.ema_decay, low=0.0, high=1.0, high_inclusive=False)
         if self.sigma is None and self.path in SIGMA_PATHS:
-            object.__setattr__(self, "sigma", DEFAULT_SIGMA)
+            object.__setattr__(self, "sigma", DEFAULT_SIGMA if self.dataset is None else DEFAULT_SIGMA_IMAGES)
         make_path(self.path, sigma=self.sigma)  # validates sigma for this path
         if self.coupling == "sb" and not self.sigma:
             raise ValueError(
@@ -147,6 +154,11 @@ class Run:
     @classmethod
     def build(cls, config: RunConfig) -> Run:
         """Model, optimiser and initial state for ``config``."""
+        if config.dataset is not None:
+            from fmjax import image_runs
+
+            apply_fn, optimizer, state = image_runs.build(config)
+            return cls(config=config, apply_fn=apply_fn, optimizer=optimizer, state=state)
         model = MLP(
             dim=2, width=config.width, depth=config.depth, activation=config.activation, seed=config.seed
         )
@@ -192,6 +204,7 @@ def train(
     *,
     progress: Callable[[int], Any] | None = None,
     log: Callable[[str], Any] | None = None,
+    data_dir: str | None = None,
 ) -> Run:
     """Train ``config`` in ``run_dir``, resuming exactly from its latest good checkpoint if it has one.
 
@@ -217,6 +230,23 @@ def train(
     else:
         os.makedirs(run_dir, exist_ok=True)
         _write_atomic(config_path, json.dumps(config.to_json(), indent=2))
+
+    if config.dataset is not None:
+        from fmjax import image_runs
+
+        metrics_path = os.path.join(run_dir, METRICS_FILE)
+        with open(metrics_path, "a") as metrics_log:
+
+            def write(record):
+                metrics_log.write(json.dumps(record) + "\n")
+                metrics_log.flush()
+
+            apply_fn, state = image_runs.train_images(
+                config, run_dir, data_dir=data_dir, progress=progress, log=say, metrics_writer=write
+            )
+        run = Run.build(config)
+        run.state = state
+        return run
 
     run = Run.build(config)
     # several processes (jax.distributed): data parallel over every device, state replicated
@@ -313,7 +343,9 @@ def load_run(run_dir: str | os.PathLike) -> Run:
     return run
 
 
-def evaluate(run: Run, run_dir: str | os.PathLike, *, plots: bool = True) -> dict[str, Any]:
+def evaluate(
+    run: Run, run_dir: str | os.PathLike, *, plots: bool = True, data_dir: str | None = None
+) -> dict[str, Any]:
     """Sample from the trained model and measure it against fresh target samples.
 
     Writes ``summary.json`` (and the plots) into ``run_dir`` and appends the result to the metrics.
@@ -322,6 +354,15 @@ def evaluate(run: Run, run_dir: str | os.PathLike, *, plots: bool = True) -> dic
     between two independent target samples of the same size: no model can be expected to go below it.
     """
     config = run.config
+    if config.dataset is not None:
+        from fmjax import image_runs
+
+        summary = image_runs.evaluate_images(
+            config, run.apply_fn, run.state, os.fspath(run_dir), data_dir=data_dir, plots=plots
+        )
+        with open(os.path.join(os.fspath(run_dir), METRICS_FILE), "a") as f:
+            f.write(json.dumps({"event": "eval", **summary}) + "\n")
+        return summary
     key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 3)
     k_source, k_target, k_floor = jax.random.split(key, 3)
     x0 = toy_sample(config.source, k_source, config.eval_samples)

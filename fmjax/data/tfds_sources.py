@@ -96,6 +96,7 @@ def batches(
     batch_size: int,
     seed: int = 0,
     start_epoch: int = 0,
+    skip_batches: int = 0,
     process_index: int = 0,
     process_count: int = 1,
     prefetch: int = 2,
@@ -103,7 +104,8 @@ def batches(
     """Yield ``(epoch, images, labels)`` batches forever, ``batch_size`` per process.
 
     Every epoch is a fresh permutation of the whole source drawn from (seed, epoch), so the order is
-    deterministic and a resumed run can start at any epoch; process ``process_index`` of
+    deterministic and a resumed run can start at any epoch (and skip ``skip_batches`` batches of
+    it without reading them); process ``process_index`` of
     ``process_count`` takes every ``process_count``-th index of it, so processes see disjoint shares.
     Incomplete final batches are dropped. A background thread keeps ``prefetch`` batches ready.
     """
@@ -127,10 +129,10 @@ def batches(
             out.put(error)
 
     def fill(out: queue.Queue, stop: threading.Event):
-        epoch = start_epoch
+        epoch, skip = start_epoch, skip_batches
         while not stop.is_set():
             indices = _epoch_indices(size, seed, epoch, process_index, process_count)
-            for begin in range(0, len(indices) - batch_size + 1, batch_size):
+            for begin in range(skip * batch_size, len(indices) - batch_size + 1, batch_size):
                 records = [source[int(i)] for i in indices[begin : begin + batch_size]]
                 item = (
                     epoch,
@@ -145,7 +147,7 @@ def batches(
                         continue
                 if stop.is_set():
                     return
-            epoch += 1
+            epoch, skip = epoch + 1, 0
 
     ready: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
     stop = threading.Event()
