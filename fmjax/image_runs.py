@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fmjax.checkpoint import Checkpointer
 from fmjax.data.tfds_sources import batches, data_source
@@ -59,6 +60,11 @@ def train_images(config, run_dir: str, *, data_dir: str | None, progress=None, l
     """Train an image run from its latest checkpoint (if any) to ``config.steps``; returns the final state."""
     say = log or (lambda message: None)
     apply_fn, optimizer, state = build(config)
+    processes, rank = jax.process_count(), jax.process_index()
+    # several processes: data parallel over every device, each process reading its own share
+    mesh = Mesh(np.array(jax.devices()), ("data",)) if processes > 1 else None
+    if config.batch_size % processes:
+        raise ValueError(f"batch_size {config.batch_size} must be a multiple of the {processes} processes")
     step = make_train_step(
         apply_fn,
         optimizer,
@@ -66,17 +72,27 @@ def train_images(config, run_dir: str, *, data_dir: str | None, progress=None, l
         coupling=config.make_coupling(),
         ema_decay=config.ema_decay,
         log_grad_norm=True,
+        mesh=mesh,
     )
+    if mesh is not None:
+        state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+        data_sharding = NamedSharding(mesh, PartitionSpec("data"))
     source = data_source(config.dataset, split="train", data_dir=data_dir)
-    per_epoch = len(source) // config.batch_size
+    local_batch = config.batch_size // processes
+    per_epoch = (len(source) // processes) // local_batch
     noise_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
 
-    @jax.jit
-    def draw(step_index, images):
+    def draw_pair(step_index, images):
         key = jax.random.fold_in(noise_key, step_index)
         k_noise, k_deq = jax.random.split(key)
         x1 = _dequantise(k_deq, images)
         return jax.random.normal(k_noise, x1.shape), x1
+
+    draw = (
+        jax.jit(draw_pair)
+        if mesh is None
+        else jax.jit(draw_pair, out_shardings=(data_sharding, data_sharding))
+    )
 
     with Checkpointer(os.path.join(run_dir, "checkpoints"), max_to_keep=config.keep_checkpoints) as ckpt:
         state, resumed, skipped = ckpt.restore_latest_good(state)
@@ -89,15 +105,19 @@ def train_images(config, run_dir: str, *, data_dir: str | None, progress=None, l
                 progress(done)
         stream = batches(
             source,
-            batch_size=config.batch_size,
+            batch_size=local_batch,
             seed=config.seed,
             start_epoch=done // per_epoch,
             skip_batches=done % per_epoch,
+            process_index=rank,
+            process_count=processes,
         )
         losses, start = [], time.perf_counter()
         for _, images, _ in stream:
             if done >= config.steps:
                 break
+            if mesh is not None:
+                images = jax.make_array_from_process_local_data(data_sharding, images)
             x0, x1 = draw(done, jnp.asarray(images))
             state, metrics = step(state, x0, x1)
             done += 1
@@ -115,6 +135,8 @@ def train_images(config, run_dir: str, *, data_dir: str | None, progress=None, l
                 ckpt.save(done, state)
             if progress is not None:
                 progress(1)
+    if mesh is not None:  # a host copy of the replicated state, for evaluation on one process
+        state = jax.tree.map(lambda a: jnp.asarray(a.addressable_data(0)), state)
     return apply_fn, state
 
 

@@ -235,7 +235,7 @@ def train(
         from fmjax import image_runs
 
         metrics_path = os.path.join(run_dir, METRICS_FILE)
-        with open(metrics_path, "a") as metrics_log:
+        with open(metrics_path if jax.process_index() == 0 else os.devnull, "a") as metrics_log:
 
             def write(record):
                 metrics_log.write(json.dumps(record) + "\n")

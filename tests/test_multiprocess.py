@@ -87,3 +87,46 @@ def test_two_processes_match_one(tmp_path):
 def test_bad_process_flags(extra, message, tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "x"), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_two_processes_train_digits_like_one(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", FMJAX_DATA_DIR=str(tmp_path / "tfds"))
+    env.pop("XLA_FLAGS", None)
+    args = [
+        "--dataset", "digits", "--steps", "30", "--batch-size", "32", "--width", "8", "--log-every", "10",
+        "--checkpoint-every", "10", "--eval-samples", "8", "--no-progress", "--no-plots",
+    ]  # fmt: skip
+    single = tmp_path / "one"
+    done = subprocess.run(
+        [FMJAX, "train", "--out", str(single), *args], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    port = _free_port()
+    multi = tmp_path / "two"
+    processes = [
+        subprocess.Popen(
+            [
+                FMJAX,
+                "train",
+                "--out",
+                str(multi),
+                *args,
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    for process in processes:
+        output, _ = process.communicate(timeout=300)
+        assert process.returncode == 0, output[-2000:]
+    # each process read its half of every global batch; together they trained on the same batches
+    assert np.allclose(_losses(multi), _losses(single), rtol=1e-4, atol=1e-5) and len(_losses(multi)) == 3

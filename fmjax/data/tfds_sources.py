@@ -85,9 +85,8 @@ def to_model_space(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) / 127.5 - 1.0
 
 
-def _epoch_indices(size: int, seed: int, epoch: int, process_index: int, process_count: int) -> np.ndarray:
-    order = np.random.default_rng([seed, epoch]).permutation(size)
-    return order[process_index::process_count]
+def _epoch_order(size: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(size)
 
 
 def batches(
@@ -105,8 +104,9 @@ def batches(
 
     Every epoch is a fresh permutation of the whole source drawn from (seed, epoch), so the order is
     deterministic and a resumed run can start at any epoch (and skip ``skip_batches`` batches of
-    it without reading them); process ``process_index`` of
-    ``process_count`` takes every ``process_count``-th index of it, so processes see disjoint shares.
+    it without reading them). The epoch is cut into global batches of ``batch_size * process_count``
+    and process ``process_index`` takes its contiguous slice of each, so processes see disjoint
+    shares and together the same global batches one process would.
     Incomplete final batches are dropped. A background thread keeps ``prefetch`` batches ready.
     """
     check_int("batch_size", batch_size, low=1)
@@ -121,6 +121,7 @@ def batches(
             f"batch_size {batch_size} is larger than this process's share of the data "
             f"({size // process_count})"
         )
+    global_batch = batch_size * process_count
 
     def produce(out: queue.Queue, stop: threading.Event):
         try:
@@ -131,9 +132,10 @@ def batches(
     def fill(out: queue.Queue, stop: threading.Event):
         epoch, skip = start_epoch, skip_batches
         while not stop.is_set():
-            indices = _epoch_indices(size, seed, epoch, process_index, process_count)
-            for begin in range(skip * batch_size, len(indices) - batch_size + 1, batch_size):
-                records = [source[int(i)] for i in indices[begin : begin + batch_size]]
+            order = _epoch_order(size, seed, epoch)
+            for begin in range(skip * global_batch, size - global_batch + 1, global_batch):
+                mine = order[begin + process_index * batch_size : begin + (process_index + 1) * batch_size]
+                records = [source[int(i)] for i in mine]
                 item = (
                     epoch,
                     np.stack([r["image"] for r in records]),
