@@ -51,9 +51,8 @@ def test_two_processes_match_one(tmp_path):
                 "--process-id",
                 str(i),
             ],
-            stdout=subprocess.PIPE,
+            stdout=open(tmp_path / f"process{i}.log", "w"),  # noqa: SIM115 - closed with the process
             stderr=subprocess.STDOUT,
-            text=True,
             env=env,
         )  # fmt: skip
         for i in range(2)
@@ -63,9 +62,10 @@ def test_two_processes_match_one(tmp_path):
         [FMJAX, "train", "--out", str(single), *ARGS], capture_output=True, text=True, env=env
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    for process in processes:
-        output, _ = process.communicate(timeout=300)
-        assert process.returncode == 0, output[-2000:]
+    # output goes to files, not pipes: a full pipe would block one process and, through the collectives, both
+    for i, process in enumerate(processes):
+        process.wait(timeout=300)
+        assert process.returncode == 0, (tmp_path / f"process{i}.log").read_text()[-2000:]
     assert np.allclose(_losses(multi), _losses(single), rtol=1e-5, atol=1e-6) and len(_losses(multi)) == 4
     a, b = load_run(multi), load_run(single)
     for x, y in zip(jax.tree.leaves(a.state.params), jax.tree.leaves(b.state.params), strict=True):
@@ -118,15 +118,15 @@ def test_two_processes_train_digits_like_one(tmp_path):
                 "--process-id",
                 str(i),
             ],
-            stdout=subprocess.PIPE,
+            stdout=open(tmp_path / f"process{i}.log", "w"),  # noqa: SIM115 - closed with the process
             stderr=subprocess.STDOUT,
-            text=True,
             env=env,
         )  # fmt: skip
         for i in range(2)
     ]
-    for process in processes:
-        output, _ = process.communicate(timeout=300)
-        assert process.returncode == 0, output[-2000:]
+    # output goes to files, not pipes: a full pipe would block one process and, through the collectives, both
+    for i, process in enumerate(processes):
+        process.wait(timeout=300)
+        assert process.returncode == 0, (tmp_path / f"process{i}.log").read_text()[-2000:]
     # each process read its half of every global batch; together they trained on the same batches
     assert np.allclose(_losses(multi), _losses(single), rtol=1e-4, atol=1e-5) and len(_losses(multi)) == 3
