@@ -259,7 +259,6 @@ def _cmd_sample(args) -> int:
 
 
 def _cmd_nll(args) -> int:
-    import json
 
     from fmjax import runs
 
@@ -271,36 +270,45 @@ def _cmd_nll(args) -> int:
         try:
             result = image_runs.image_bits_per_dim(
                 run.config, run.apply_fn, params, n=args.n, divergence=args.divergence,
-                num_probes=args.num_probes, data_dir=args.data_dir, seed=args.seed,
+                num_probes=args.num_probes, probe=args.probe, data_dir=args.data_dir, seed=args.seed,
             )  # fmt: skip
         except (ValueError, TypeError) as error:
             raise _UsageError(str(error)) from None
-        with open(os.path.join(args.run_dir, runs.METRICS_FILE), "a") as f:
-            f.write(json.dumps({"event": "nll", **result}) + "\n")
-        print(
+        message = (
             f"bits/dim = {result['bits_per_dim']:.4f} +- {result['bits_per_dim_stderr']:.4f} on "
             f"{result['n']} {run.config.dataset} test images; {result['divergence']} divergence, "
             "uniform dequantisation"
         )
-        return 0
+        return _report_nll(args.run_dir, result, message)
     try:
         result = runs.negative_log_likelihood(
             run,
             n=args.n,
             divergence=args.divergence,
             num_probes=args.num_probes,
+            probe=args.probe,
             solver=args.solver,
             seed=args.seed,
         )
     except (ValueError, TypeError) as error:
         raise _UsageError(str(error)) from None
-    with open(os.path.join(args.run_dir, runs.METRICS_FILE), "a") as f:
-        f.write(json.dumps({"event": "nll", **result}) + "\n")
-    print(
+    message = (
         f"NLL = {result['nll']:.4f} +- {result['nll_stderr']:.4f} nats "
         f"({result['bits_per_dim']:.4f} bits/dim) on {result['n']} target points; "
         f"{result['divergence']} divergence, NFE = {result['nfe']}"
     )
+    return _report_nll(args.run_dir, result, message)
+
+
+def _report_nll(run_dir: str, result: dict, message: str) -> int:
+    """Append the result to the run's metrics (nothing is overwritten) and print it."""
+    import json
+
+    from fmjax import runs
+
+    with open(os.path.join(run_dir, runs.METRICS_FILE), "a") as f:
+        f.write(json.dumps({"event": "nll", **result}) + "\n")
+    print(message)
     return 0
 
 

@@ -141,7 +141,16 @@ def train_images(config, run_dir: str, *, data_dir: str | None, progress=None, l
 
 
 def image_bits_per_dim(
-    config, apply_fn, params, *, n: int, divergence: str, num_probes: int, data_dir, seed=0
+    config,
+    apply_fn,
+    params,
+    *,
+    n: int,
+    divergence: str,
+    num_probes: int,
+    data_dir,
+    probe="rademacher",
+    seed=0,
 ):
     """Bits/dim of the first ``n`` test images (uniform dequantisation, K = 1)."""
     source = data_source(config.dataset, split="test", data_dir=data_dir)
@@ -149,7 +158,7 @@ def image_bits_per_dim(
     images = jnp.asarray(np.stack([source[i]["image"] for i in range(n)]))
     kwargs = {"divergence": divergence}
     if divergence == "hutchinson":
-        kwargs["num_probes"] = num_probes
+        kwargs.update(num_probes=num_probes, probe=probe)
     bpd = bits_per_dim(as_velocity(apply_fn, params), images, key=jax.random.PRNGKey(seed), **kwargs)
     values = np.asarray(bpd, np.float64)
     return {

@@ -31,41 +31,39 @@ def _losses(run_dir):
         return [r["loss"] for r in map(json.loads, f) if "event" not in r]
 
 
+def _start_two(out, args, env, log_dir):
+    """Start the two processes of one `fmjax train` run on 127.0.0.1."""
+    port = _free_port()
+    flags = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    return [
+        subprocess.Popen(
+            [FMJAX, "train", "--out", str(out), *args, *flags, "--process-id", str(i)],
+            # files, not pipes: a full pipe would block one process and, through the collectives, both
+            stdout=open(log_dir / f"process{i}.log", "w"),  # noqa: SIM115 - closed with the process
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        for i in range(2)
+    ]
+
+
+def _wait_two(processes, log_dir):
+    for i, process in enumerate(processes):
+        process.wait(timeout=300)
+        assert process.returncode == 0, (log_dir / f"process{i}.log").read_text()[-2000:]
+
+
 def test_two_processes_match_one(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
-    port = _free_port()
     multi = tmp_path / "two"
-    processes = [
-        subprocess.Popen(
-            [
-                FMJAX,
-                "train",
-                "--out",
-                str(multi),
-                *ARGS,
-                "--coordinator",
-                f"127.0.0.1:{port}",
-                "--num-processes",
-                "2",
-                "--process-id",
-                str(i),
-            ],
-            stdout=open(tmp_path / f"process{i}.log", "w"),  # noqa: SIM115 - closed with the process
-            stderr=subprocess.STDOUT,
-            env=env,
-        )  # fmt: skip
-        for i in range(2)
-    ]
+    processes = _start_two(multi, ARGS, env, tmp_path)
     single = tmp_path / "one"
     done = subprocess.run(
         [FMJAX, "train", "--out", str(single), *ARGS], capture_output=True, text=True, env=env
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    # output goes to files, not pipes: a full pipe would block one process and, through the collectives, both
-    for i, process in enumerate(processes):
-        process.wait(timeout=300)
-        assert process.returncode == 0, (tmp_path / f"process{i}.log").read_text()[-2000:]
+    _wait_two(processes, tmp_path)
     assert np.allclose(_losses(multi), _losses(single), rtol=1e-5, atol=1e-6) and len(_losses(multi)) == 4
     a, b = load_run(multi), load_run(single)
     for x, y in zip(jax.tree.leaves(a.state.params), jax.tree.leaves(b.state.params), strict=True):
@@ -101,32 +99,7 @@ def test_two_processes_train_digits_like_one(tmp_path):
         [FMJAX, "train", "--out", str(single), *args], capture_output=True, text=True, env=env
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    port = _free_port()
     multi = tmp_path / "two"
-    processes = [
-        subprocess.Popen(
-            [
-                FMJAX,
-                "train",
-                "--out",
-                str(multi),
-                *args,
-                "--coordinator",
-                f"127.0.0.1:{port}",
-                "--num-processes",
-                "2",
-                "--process-id",
-                str(i),
-            ],
-            stdout=open(tmp_path / f"process{i}.log", "w"),  # noqa: SIM115 - closed with the process
-            stderr=subprocess.STDOUT,
-            env=env,
-        )  # fmt: skip
-        for i in range(2)
-    ]
-    # output goes to files, not pipes: a full pipe would block one process and, through the collectives, both
-    for i, process in enumerate(processes):
-        process.wait(timeout=300)
-        assert process.returncode == 0, (tmp_path / f"process{i}.log").read_text()[-2000:]
+    _wait_two(_start_two(multi, args, env, tmp_path), tmp_path)
     # each process read its half of every global batch; together they trained on the same batches
     assert np.allclose(_losses(multi), _losses(single), rtol=1e-4, atol=1e-5) and len(_losses(multi)) == 3
