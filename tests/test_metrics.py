@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ot
 import pytest
 
 from fmjax.metrics import normalized_path_energy, path_energy, wasserstein2
@@ -61,3 +62,13 @@ def test_path_energy_of_euler_steps_equals_integral_of_speed(x64):
     speeds = [jnp.sum(field(t, x) ** 2, axis=-1) for t, x in zip(ts[:-1], xs[:-1], strict=True)]
     expected = float(jnp.mean(jnp.sum(jnp.stack(speeds), axis=0) / 50))
     assert float(path_energy(Trajectory(ts, xs))) == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.parametrize("n, dim", [(7, 1), (300, 2), (200, 40)])
+def test_wasserstein2_equal_sizes_matches_pot(n, dim):
+    # equal sizes go through the assignment solver; POT's emd2 is the independent reference
+    rng = np.random.default_rng(n + dim)
+    x, y = rng.normal(size=(n, dim)), 1.5 * rng.normal(size=(n, dim)) + 0.3
+    a = np.full(n, 1 / n)
+    expected = np.sqrt(ot.emd2(a, a, ot.dist(x, y, metric="sqeuclidean")))
+    assert wasserstein2(x, y) == pytest.approx(expected, rel=1e-6)
