@@ -6,6 +6,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 
@@ -61,11 +62,20 @@ def check_batch(name: str, x: Any) -> None:
         raise TypeError(f"{name} must be an array of shape [batch, *dims]; got {type(x).__name__}")
     if len(x.shape) < 2:
         raise ValueError(f"{name} must have shape [batch, *dims] (rank >= 2); got shape {x.shape}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
+    if not jnp.issubdtype(x.dtype, jnp.floating) or jnp.dtype(x.dtype).itemsize < 4:
         raise TypeError(
-            f"{name} must be a floating array (float32 or float64); got dtype {x.dtype}. "
-            f"Convert it first, e.g. {name}.astype(jnp.float32)"
+            f"{name} must be a float32 or float64 array; got dtype {x.dtype}. "
+            f"Convert it first, e.g. {name}.astype(jnp.float32) (integer data: scale it as the model expects)"
         )
+
+
+def check_finite(name: str, x: Any) -> None:
+    """Raise a ValueError if the concrete array ``x`` holds NaN or inf (tracers are left alone)."""
+    if isinstance(x, jax.core.Tracer):
+        return
+    bad = int(jnp.size(x) - jnp.sum(jnp.isfinite(x)))
+    if bad:
+        raise ValueError(f"{name} must be finite; it holds {bad} NaN or inf value(s)")
 
 
 def check_pair(x0: Any, x1: Any) -> None:
@@ -74,3 +84,14 @@ def check_pair(x0: Any, x1: Any) -> None:
     check_batch("x1", x1)
     if x0.shape != x1.shape:
         raise ValueError(f"x0 and x1 must have the same shape; got {x0.shape} and {x1.shape}")
+
+
+def check_unit_interval(name: str, t: Any) -> None:
+    """Raise a ValueError if the concrete times ``t`` leave [0, 1] or are not finite (tracers pass)."""
+    if isinstance(t, jax.core.Tracer):
+        return
+    t = jnp.asarray(t)
+    if not bool(jnp.all((t >= 0) & (t <= 1))):
+        raise ValueError(
+            f"{name} must lie in [0, 1]; got values from {float(jnp.min(t))} to {float(jnp.max(t))}"
+        )

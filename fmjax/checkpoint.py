@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -58,10 +59,27 @@ class Checkpointer:
     def save(self, step: int, state: Any, *, wait: bool = True) -> bool:
         """Write ``state`` as checkpoint ``step``; returns whether it was saved."""
         check_int("step", step, low=0)
-        saved = self._manager.save(step, args=ocp.args.StandardSave(_to_storable(state)), force=True)
-        if wait:
-            self._manager.wait_until_finished()
+        try:
+            saved = self._manager.save(step, args=ocp.args.StandardSave(_to_storable(state)), force=True)
+            if wait:
+                self._manager.wait_until_finished()
+        except Exception as error:  # a full disk, a quota, a vanished directory: tensorstore and orbax errors
+            self._discard_partial(step)
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise OSError(
+                f"could not write checkpoint {step} in {self.directory} ({reason[:300]}); "
+                f"the checkpoints already written are intact: {self.all_steps() or 'none'}",
+            ) from error
         return saved
+
+    def _discard_partial(self, step: int) -> None:
+        """Remove orbax's temporary folder of a failed save; set aside a half-committed step folder."""
+        for name in os.listdir(self.directory):
+            if name.startswith(f"{step}.orbax-checkpoint-tmp"):
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        self._manager.reload()
+        if os.path.isdir(os.path.join(self.directory, str(step))):  # renamed, but its commit failed
+            self._set_aside(step)
 
     def all_steps(self) -> list[int]:
         """Steps of the checkpoints on disk, oldest first."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 import time
@@ -92,6 +93,12 @@ def _add_train(sub) -> None:
     )
     p.add_argument(
         "--keep-checkpoints", type=int, default=defaults.keep_checkpoints, help="newest checkpoints kept"
+    )
+    p.add_argument(
+        "--on-nonfinite",
+        default=defaults.on_nonfinite,
+        help="a NaN/inf loss or gradient: 'stop' (error naming the step; the last good checkpoint is kept) "
+        "or 'skip' (leave the state unchanged for that step)",
     )
     p.add_argument(
         "--out",
@@ -317,6 +324,8 @@ COMMANDS = {"train": _cmd_train, "sample": _cmd_sample, "nll": _cmd_nll}
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fmjax`` console script; returns the exit status."""
+    # orbax reports a failed background save through absl logging with tracebacks; the CLI says it in one line
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
     parser = _Parser(prog="fmjax", description="Flow matching in JAX.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     _add_train(sub)
@@ -327,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
             raise _UsageError(f"a command is required: one of {', '.join(COMMANDS)}")
         command = COMMANDS[check_choice("command", args.command, COMMANDS)]
         return command(args)
-    except (_UsageError, FileNotFoundError) as error:
+    except (_UsageError, FloatingPointError, OSError) as error:
+        # OSError: missing paths, and a full disk while writing (the checkpoints already written stay)
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"fmjax: error: {message}", file=sys.stderr)
         return EXIT_USAGE

@@ -72,6 +72,7 @@ def train_images(config, run_dir: str, *, data_dir: str | None, progress=None, l
         coupling=config.make_coupling(),
         ema_decay=config.ema_decay,
         log_grad_norm=True,
+        skip_nonfinite=config.on_nonfinite == "skip",
         mesh=mesh,
     )
     if mesh is not None:
@@ -112,7 +113,7 @@ def train_images(config, run_dir: str, *, data_dir: str | None, progress=None, l
             process_index=rank,
             process_count=processes,
         )
-        losses, start = [], time.perf_counter()
+        losses, skips, start = [], [], time.perf_counter()
         for _, images, _ in stream:
             if done >= config.steps:
                 break
@@ -122,16 +123,32 @@ def train_images(config, run_dir: str, *, data_dir: str | None, progress=None, l
             state, metrics = step(state, x0, x1)
             done += 1
             losses.append(metrics["loss"])
-            if done % config.log_every == 0 or done == config.steps:
-                loss = float(jnp.mean(jnp.stack(losses)))
-                losses = []
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss} by step {done}")
-                if metrics_writer is not None:
-                    metrics_writer(
-                        {"step": done, "loss": loss, "time": round(time.perf_counter() - start, 3)}
+            skips.append(metrics.get("skipped", 0))
+            log_now = done % config.log_every == 0 or done == config.steps
+            save_now = done % config.checkpoint_every == 0 or done == config.steps
+            if log_now or save_now:  # a non-finite step is found before anything is saved
+                values, skipped = np.asarray(jnp.stack(losses)), np.asarray(skips)
+                bad = np.flatnonzero(~np.isfinite(values) & (skipped == 0))
+                if bad.size:
+                    last = ckpt.latest_step()
+                    raise FloatingPointError(
+                        f"loss became {values[bad[0]]} at step {done - len(values) + bad[0] + 1}; training "
+                        f"stopped; the last good checkpoint is {last}"
                     )
-            if done % config.checkpoint_every == 0 or done == config.steps:
+            if log_now:
+                applied = skipped == 0
+                record = {
+                    "step": done,
+                    "loss": float(values[applied].mean()) if applied.any() else math.nan,
+                    "time": round(time.perf_counter() - start, 3),
+                }
+                if skipped.any():
+                    record["skipped"] = int(skipped.sum())
+                    say(f"skipped {record['skipped']} non-finite step(s) up to step {done}")
+                losses, skips = [], []
+                if metrics_writer is not None:
+                    metrics_writer(record)
+            if save_now:
                 ckpt.save(done, state)
             if progress is not None:
                 progress(1)

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fmjax._checks import check_batch, check_choice, check_int, check_real
+from fmjax._checks import check_batch, check_choice, check_finite, check_int, check_real
 from fmjax.sampling import solve
 
 __all__ = [
@@ -150,6 +150,7 @@ def log_likelihood(
       ``LikelihoodResult(log_p, x0, nfe, log_p_stderr)``.
     """
     check_batch("x1", x1)
+    check_finite("x1", x1)
     check_choice("divergence", divergence, DIVERGENCES)
     probes = None
     if divergence == "hutchinson":

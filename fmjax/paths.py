@@ -31,7 +31,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fmjax._checks import check_batch, check_pair, check_real, lookup
+from fmjax._checks import check_batch, check_pair, check_real, check_unit_interval, lookup
 
 __all__ = [
     "PathSample",
@@ -119,6 +119,7 @@ class AffinePath(abc.ABC):
         t = jnp.asarray(t)
         if t.shape != x0.shape[:1]:
             raise ValueError(f"t must have shape [batch] = {x0.shape[:1]}; got {t.shape}")
+        check_unit_interval("t", t)
         t = t.astype(x0.dtype)
         coef = self.schedule(t)
         dcoef = self.schedule_derivative(t)

@@ -46,6 +46,7 @@ CHECKPOINT_DIR = "checkpoints"
 SIGMA_PATHS = ("condot", "linear", "sb")
 DEFAULT_SIGMA = 0.1
 DEFAULT_SIGMA_IMAGES = 1e-4
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -79,6 +80,7 @@ class RunConfig:
     log_every: int = 100
     checkpoint_every: int = 5_000
     keep_checkpoints: int = 3
+    on_nonfinite: str = "stop"
 
     def __post_init__(self):
         if self.dataset is not None:
@@ -91,6 +93,7 @@ class RunConfig:
         check_choice("coupling", self.coupling, COUPLINGS)
         check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("eval_solver", self.eval_solver, SOLVERS)
+        check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
         if not SOLVERS[self.eval_solver].adaptive:
             raise ValueError(
                 f"eval_solver must be adaptive ({', '.join(n for n, s in SOLVERS.items() if s.adaptive)});"
@@ -259,6 +262,7 @@ def train(
         coupling=config.make_coupling(),
         ema_decay=config.ema_decay,
         log_grad_norm=True,
+        skip_nonfinite=config.on_nonfinite == "skip",
         mesh=mesh,
     )
     data_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
@@ -272,7 +276,8 @@ def train(
 
     def scan(state, n):
         state, metrics = jax.lax.scan(one, state, None, length=n)
-        return state, jnp.mean(metrics["loss"]), jnp.mean(metrics["grad_norm"])
+        skipped = metrics.get("skipped", jnp.zeros(n, jnp.int32))
+        return state, metrics["loss"], jnp.mean(metrics["grad_norm"]), skipped
 
     initial = run.state
     if mesh is None:
@@ -303,16 +308,35 @@ def train(
         with open(metrics_path if writer else os.devnull, "a") as metrics_log:
             while done < config.steps:
                 n = _next_chunk(done, config)
-                state, loss, grad_norm = chunk(state, n)
+                state, losses, grad_norm, skip_flags = chunk(state, n)
+                losses, skip_flags = np.asarray(losses), np.asarray(skip_flags)
+                bad = np.flatnonzero(~np.isfinite(losses) & (skip_flags == 0))
+                if bad.size:  # "stop": this chunk's state is not saved
+                    last = ckpt.latest_step()
+                    raise FloatingPointError(
+                        f"loss became {losses[bad[0]]} at step {done + bad[0] + 1}; training stopped. "
+                        + (
+                            f"the last good checkpoint is step {last}"
+                            if last is not None
+                            else "no checkpoint yet"
+                        )
+                        + " (lower the learning rate, or pass --on-nonfinite skip)"
+                    )
+                applied = skip_flags == 0
                 done += n
                 record = {
                     "step": done,
-                    "loss": float(loss),
+                    "loss": float(losses[applied].mean()) if applied.any() else math.nan,
                     "grad_norm": float(grad_norm),
                     "time": round(time.perf_counter() - start, 3),
                 }
-                if not math.isfinite(record["loss"]):
-                    raise FloatingPointError(f"loss became {record['loss']} by step {done}")
+                if skip_flags.any():
+                    first = done - n + int(np.flatnonzero(skip_flags)[0]) + 1
+                    record["skipped"] = int(skip_flags.sum())
+                    say(
+                        f"skipped {record['skipped']} step(s) with a non-finite loss or gradient, "
+                        f"first at step {first}"
+                    )
                 if done % config.log_every == 0 or done == config.steps:
                     metrics_log.write(json.dumps(record) + "\n")
                     metrics_log.flush()

@@ -18,7 +18,7 @@ import diffrax
 import jax
 import jax.numpy as jnp
 
-from fmjax._checks import check_batch, check_int, check_real, lookup
+from fmjax._checks import check_batch, check_finite, check_int, check_real, lookup
 
 __all__ = [
     "SOLVERS",
@@ -210,6 +210,7 @@ def sample(
       ``SampleResult(x1, nfe, trajectory)``.
     """
     check_batch("x0", x0)
+    check_finite("x0", x0)
     t0, t1 = _check_interval(t0, t1)
     if save_trajectory:
         num = steps + 1 if steps is not None else check_int("trajectory_points", trajectory_points, low=2)

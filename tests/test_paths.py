@@ -202,7 +202,7 @@ def test_bad_shapes_are_named():
         path.sample(None, x, x, jnp.zeros(3))
     with pytest.raises(ValueError, match="rank >= 2"):
         path.sample(None, jnp.zeros(4), jnp.zeros(4), jnp.zeros(4))
-    with pytest.raises(TypeError, match="floating"):
+    with pytest.raises(TypeError, match="float32 or float64"):
         path.sample(None, x.astype(jnp.int32), x.astype(jnp.int32), jnp.zeros(4))
 
 
