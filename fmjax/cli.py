@@ -161,6 +161,10 @@ def _cmd_train(args) -> int:
         and not os.path.exists(os.path.join(run_dir, runs.CONFIG_FILE))
     ):
         raise _UsageError(f"--out {run_dir!r} already holds files but no fmjax run; choose a new directory")
+    try:
+        runs.check_run_dir(config, run_dir)
+    except ValueError as error:
+        raise _UsageError(str(error)) from None
 
     bar = tqdm(total=config.steps, desc="train", unit="step", disable=args.no_progress, dynamic_ncols=True)
     start = time.perf_counter()

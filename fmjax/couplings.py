@@ -20,7 +20,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from fmjax._checks import check_batch, check_choice, check_int, check_real, lookup
+from fmjax._checks import check_batch, check_choice, check_finite, check_int, check_real, lookup
 
 __all__ = [
     "Coupling",
@@ -60,6 +60,8 @@ class Coupling(abc.ABC):
         """Couple the batches ``x0`` and ``x1`` (shape [n, *dims] each); return (i, j) of shape [n]."""
         check_batch("x0", x0)
         check_batch("x1", x1)
+        check_finite("x0", x0)
+        check_finite("x1", x1)
         if x0.shape[0] != x1.shape[0]:
             raise ValueError(f"x0 and x1 must have the same batch size; got {x0.shape[0]} and {x1.shape[0]}")
         return self.pairs(key, x0, x1)

@@ -201,6 +201,20 @@ def _read_config(run_dir: str) -> RunConfig:
         raise ValueError(f"{path!r} is not an fmjax run configuration ({error})") from None
 
 
+def check_run_dir(config: RunConfig, run_dir: str | os.PathLike) -> None:
+    """Raise a ValueError if ``run_dir`` holds a run of another configuration (a new directory passes)."""
+    run_dir = os.fspath(run_dir)
+    if not os.path.exists(os.path.join(run_dir, CONFIG_FILE)):
+        return
+    existing = _read_config(run_dir)
+    if existing != config:
+        changed = sorted(k for k, v in config.to_json().items() if existing.to_json().get(k) != v)
+        raise ValueError(
+            f"run directory {run_dir!r} belongs to a different configuration "
+            f"(differs in {', '.join(changed)}); use a new --out"
+        )
+
+
 def train(
     config: RunConfig,
     run_dir: str | os.PathLike,
@@ -223,13 +237,7 @@ def train(
     say = log or (lambda message: None)
     config_path = os.path.join(run_dir, CONFIG_FILE)
     if os.path.exists(config_path):
-        existing = _read_config(run_dir)
-        if existing != config:
-            changed = sorted(k for k, v in config.to_json().items() if existing.to_json().get(k) != v)
-            raise ValueError(
-                f"run directory {run_dir!r} belongs to a different configuration "
-                f"(differs in {', '.join(changed)}); use a new --out"
-            )
+        check_run_dir(config, run_dir)
     else:
         os.makedirs(run_dir, exist_ok=True)
         _write_atomic(config_path, json.dumps(config.to_json(), indent=2))
