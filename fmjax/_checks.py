@@ -71,9 +71,10 @@ def check_batch(name: str, x: Any) -> None:
 
 def check_finite(name: str, x: Any) -> None:
     """Raise a ValueError if the concrete array ``x`` holds NaN or inf (tracers are left alone)."""
-    if isinstance(x, jax.core.Tracer):
+    try:
+        bad = int(jnp.size(x) - jnp.sum(jnp.isfinite(x)))
+    except jax.errors.ConcretizationTypeError:  # traced: checked where the values exist
         return
-    bad = int(jnp.size(x) - jnp.sum(jnp.isfinite(x)))
     if bad:
         raise ValueError(f"{name} must be finite; it holds {bad} NaN or inf value(s)")
 
@@ -88,10 +89,12 @@ def check_pair(x0: Any, x1: Any) -> None:
 
 def check_unit_interval(name: str, t: Any) -> None:
     """Raise a ValueError if the concrete times ``t`` leave [0, 1] or are not finite (tracers pass)."""
-    if isinstance(t, jax.core.Tracer):
-        return
     t = jnp.asarray(t)
-    if not bool(jnp.all((t >= 0) & (t <= 1))):
+    try:
+        inside = bool(jnp.all((t >= 0) & (t <= 1)))
+    except jax.errors.ConcretizationTypeError:  # traced: checked where the values exist
+        return
+    if not inside:
         raise ValueError(
             f"{name} must lie in [0, 1]; got values from {float(jnp.min(t))} to {float(jnp.max(t))}"
         )

@@ -98,3 +98,21 @@ def test_an_unreadable_checkpoint_is_set_aside_and_the_previous_used(reference, 
     assert f"resuming from checkpoint {STEPS - 1000}" in done.stdout + done.stderr
     assert (out / "checkpoints" / f"{STEPS}.corrupt").is_dir()  # kept for inspection, not deleted
     _assert_same_run(reference, out)
+
+
+def _kill_trials(n, tmp_path):
+    from experiments import kill_trials
+
+    records, duration = kill_trials.trials(n, steps=3000, seed=n, work=str(tmp_path))
+    kill_trials.report(records, duration, str(tmp_path / "report"))
+    assert (tmp_path / "report" / "kill_trials.png").stat().st_size > 0
+    assert [r["bitwise_equal"] for r in records] == [True] * n, records
+
+
+def test_three_kill_trials(tmp_path):
+    _kill_trials(3, tmp_path)
+
+
+@pytest.mark.slow
+def test_twenty_kill_trials(tmp_path):
+    _kill_trials(20, tmp_path)
