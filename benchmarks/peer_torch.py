@@ -11,12 +11,11 @@ Prints one JSON line: seconds per call (median of interleaved repeats) and what 
 from __future__ import annotations
 
 import json
-import statistics
 import sys
-import time
 
 import numpy as np
 import torch
+from _timing import interleaved  # run as a script: benchmarks/ is on sys.path; _timing has no JAX
 
 
 def mlp(dim: int, width: int, depth: int) -> torch.nn.Sequential:
@@ -34,19 +33,6 @@ def load_weights(net: torch.nn.Sequential, arrays) -> None:
         for layer, name in zip(linears, names, strict=True):
             layer.weight.copy_(torch.from_numpy(np.asarray(arrays[f"{name}_kernel"]).T.copy()))
             layer.bias.copy_(torch.from_numpy(np.asarray(arrays[f"{name}_bias"]).copy()))
-
-
-def interleaved(candidates, repeats, inner):
-    for fn in candidates.values():
-        fn()
-    samples = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, fn in candidates.items():
-            start = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            samples[name].append((time.perf_counter() - start) / inner)
-    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def train_step(cfg, arrays):
@@ -80,8 +66,8 @@ def train_step(cfg, arrays):
             "TorchCFM I-CFM": candidate(ConditionalFlowMatcher(sigma=0.0)),
             "TorchCFM OT-CFM (exact)": candidate(ExactOptimalTransportConditionalFlowMatcher(sigma=0.0)),
         },
-        cfg["repeats"],
-        cfg["inner"],
+        repeats=cfg["repeats"],
+        inner=cfg["inner"],
     )
     return {"seconds": times}
 
@@ -114,7 +100,7 @@ def sample(cfg, arrays):
     counter[0] = 0
     call()
     nfe = counter[0]
-    seconds = interleaved({"torchdyn": call}, cfg["repeats"], 1)["torchdyn"]
+    seconds = interleaved({"torchdyn": call}, repeats=cfg["repeats"], inner=1)["torchdyn"]
     return {"seconds": seconds, "nfe": nfe, "x1": out["x1"].numpy().tolist()}
 
 

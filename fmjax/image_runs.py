@@ -25,9 +25,8 @@ from fmjax.checkpoint import Checkpointer
 from fmjax.data.tfds_sources import batches, data_source
 from fmjax.likelihood import bits_per_dim
 from fmjax.models import UNet, functional
-from fmjax.paths import make_path
 from fmjax.sampling import as_velocity, sample
-from fmjax.training import TrainState, make_train_step
+from fmjax.training import TrainState
 
 __all__ = ["build", "train_images", "evaluate_images", "image_bits_per_dim", "generate_images"]
 
@@ -58,6 +57,8 @@ def _dequantise(key: jax.Array, images: jax.Array) -> jax.Array:
 
 def train_images(config, run_dir: str, *, data_dir: str | None, progress=None, log=None, metrics_writer=None):
     """Train an image run from its latest checkpoint (if any) to ``config.steps``; returns the final state."""
+    from fmjax.runs import first_nonfinite
+
     say = log or (lambda message: None)
     apply_fn, optimizer, state = build(config)
     processes, rank = jax.process_count(), jax.process_index()
@@ -65,16 +66,7 @@ def train_images(config, run_dir: str, *, data_dir: str | None, progress=None, l
     mesh = Mesh(np.array(jax.devices()), ("data",)) if processes > 1 else None
     if config.batch_size % processes:
         raise ValueError(f"batch_size {config.batch_size} must be a multiple of the {processes} processes")
-    step = make_train_step(
-        apply_fn,
-        optimizer,
-        path=make_path(config.path, sigma=config.sigma),
-        coupling=config.make_coupling(),
-        ema_decay=config.ema_decay,
-        log_grad_norm=True,
-        skip_nonfinite=config.on_nonfinite == "skip",
-        mesh=mesh,
-    )
+    step = config.make_step(apply_fn, optimizer, mesh=mesh)
     if mesh is not None:
         state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
         data_sharding = NamedSharding(mesh, PartitionSpec("data"))
@@ -128,11 +120,11 @@ def train_images(config, run_dir: str, *, data_dir: str | None, progress=None, l
             save_now = done % config.checkpoint_every == 0 or done == config.steps
             if log_now or save_now:  # a non-finite step is found before anything is saved
                 values, skipped = np.asarray(jnp.stack(losses)), np.asarray(skips)
-                bad = np.flatnonzero(~np.isfinite(values) & (skipped == 0))
-                if bad.size:
+                bad = first_nonfinite(values, skipped)
+                if bad is not None:
                     last = ckpt.latest_step()
                     raise FloatingPointError(
-                        f"loss became {values[bad[0]]} at step {done - len(values) + bad[0] + 1}; training "
+                        f"loss became {values[bad]} at step {done - len(values) + bad + 1}; training "
                         f"stopped; the last good checkpoint is {last}"
                     )
             if log_now:

@@ -131,6 +131,19 @@ class RunConfig:
             return make_coupling("sb", sigma=self.sigma)
         return make_coupling(self.coupling)
 
+    def make_step(self, apply_fn, optimizer, *, mesh=None):
+        """The jitted train step of this configuration (toy and image runs alike)."""
+        return make_train_step(
+            apply_fn,
+            optimizer,
+            path=make_path(self.path, sigma=self.sigma),
+            coupling=self.make_coupling(),
+            ema_decay=self.ema_decay,
+            log_grad_norm=True,
+            skip_nonfinite=self.on_nonfinite == "skip",
+            mesh=mesh,
+        )
+
     def to_json(self) -> dict[str, Any]:
         """The configuration as a JSON-serialisable dict."""
         return dataclasses.asdict(self)
@@ -170,6 +183,12 @@ class Run:
         key = jax.random.PRNGKey(config.seed)
         state = TrainState.create(params=params, optimizer=optimizer, key=jax.random.fold_in(key, 1))
         return cls(config=config, apply_fn=apply_fn, optimizer=optimizer, state=state)
+
+
+def first_nonfinite(losses: np.ndarray, skipped: np.ndarray) -> int | None:
+    """Index of the first non-finite loss among the steps that were not skipped, or None."""
+    bad = np.flatnonzero(~np.isfinite(losses) & (skipped == 0))
+    return int(bad[0]) if bad.size else None
 
 
 def _next_chunk(step: int, config: RunConfig) -> int:
@@ -263,16 +282,7 @@ def train(
     # several processes (jax.distributed): data parallel over every device, state replicated
     mesh = Mesh(np.array(jax.devices()), ("data",)) if jax.process_count() > 1 else None
     writer = jax.process_index() == 0
-    step = make_train_step(
-        run.apply_fn,
-        run.optimizer,
-        path=make_path(config.path, sigma=config.sigma),
-        coupling=config.make_coupling(),
-        ema_decay=config.ema_decay,
-        log_grad_norm=True,
-        skip_nonfinite=config.on_nonfinite == "skip",
-        mesh=mesh,
-    )
+    step = config.make_step(run.apply_fn, run.optimizer, mesh=mesh)
     data_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
 
     def one(state, _):
@@ -318,11 +328,11 @@ def train(
                 n = _next_chunk(done, config)
                 state, losses, grad_norm, skip_flags = chunk(state, n)
                 losses, skip_flags = np.asarray(losses), np.asarray(skip_flags)
-                bad = np.flatnonzero(~np.isfinite(losses) & (skip_flags == 0))
-                if bad.size:  # "stop": this chunk's state is not saved
+                bad = first_nonfinite(losses, skip_flags)
+                if bad is not None:  # "stop": this chunk's state is not saved
                     last = ckpt.latest_step()
                     raise FloatingPointError(
-                        f"loss became {losses[bad[0]]} at step {done + bad[0] + 1}; training stopped. "
+                        f"loss became {losses[bad]} at step {done + bad + 1}; training stopped. "
                         + (
                             f"the last good checkpoint is step {last}"
                             if last is not None
