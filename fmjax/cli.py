@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
@@ -326,10 +327,27 @@ def _report_nll(run_dir: str, result: dict, message: str) -> int:
 COMMANDS = {"train": _cmd_train, "sample": _cmd_sample, "nll": _cmd_nll}
 
 
+def _drop_closed_loop_noise(unraisable: Any) -> None:
+    """Drop the ``Event loop is closed`` errors left behind by an aborted checkpoint write.
+
+    When a write fails (a full disk), orbax closes its event loop while tensorstore still holds
+    callbacks into it; each of those then raises an unraisable RuntimeError that Python would print
+    as a bare traceback. The CLI reports the failure itself in one line; anything else still goes
+    to Python's default hook.
+    """
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fmjax`` console script; returns the exit status."""
-    # orbax reports a failed background save through absl logging with tracebacks; the CLI says it in one line
+    # orbax reports a failed background save through absl logging and asyncio with tracebacks;
+    # the CLI says it in one line
     logging.getLogger("absl").setLevel(logging.CRITICAL)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    sys.unraisablehook = _drop_closed_loop_noise
     parser = _Parser(prog="fmjax", description="Flow matching in JAX.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     _add_train(sub)

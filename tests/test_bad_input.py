@@ -3,6 +3,10 @@ values); the CLI prints one line on stderr, exits 2, and leaves what was already
 
 import json
 import os
+import re
+import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -369,3 +373,92 @@ def _state_like(run_dir):
 
     with open(run_dir / "config.json") as f:
         return Run.build(RunConfig.from_json(json.load(f))).state
+
+
+def test_failed_save_keeps_the_checkpoints_already_written(tmp_path, monkeypatch):
+    """A writer that fails half-way (a patched full disk): one OSError, partial folders gone."""
+    state = {"w": jnp.arange(3.0), "b": jnp.ones((2, 2))}
+    checkpoints = fmjax.Checkpointer(tmp_path, max_to_keep=None)
+    checkpoints.save(1, state)
+    before = _snapshot(tmp_path / "1")
+
+    def full_disk(step, *args, **kwargs):
+        partial = tmp_path / f"{step}.orbax-checkpoint-tmp-1234"
+        partial.mkdir()
+        (partial / "half_written").write_bytes(b"\0" * 10)
+        if step == 3:  # the rename to the final folder happened, the commit did not
+            (tmp_path / str(step)).mkdir()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoints._manager, "save", full_disk)
+    for step, left in ((2, ["1"]), (3, ["1", "3.corrupt"])):
+        message = rf"could not write checkpoint {step} .*No space left.*intact: \[1\]"
+        with pytest.raises(OSError, match=message):
+            checkpoints.save(step, state)
+        assert sorted(os.listdir(tmp_path)) == left
+    monkeypatch.undo()
+    assert checkpoints.all_steps() == [1] and _snapshot(tmp_path / "1") == before
+    restored = checkpoints.restore(state)
+    for name in state:
+        np.testing.assert_array_equal(restored[name], state[name])
+    checkpoints.save(2, state)  # space again: saving carries on
+    assert checkpoints.all_steps() == [1, 2]
+    checkpoints.close()
+
+
+def _can_mount_tmpfs(where):
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {where}"],
+        capture_output=True,
+    )
+    return probe.returncode == 0
+
+
+FULL_DISK_RUN = [
+    "train", "--steps", "600", "--checkpoint-every", "100", "--log-every", "100", "--width", "64",
+    "--depth", "2", "--keep-checkpoints", "10", "--eval-samples", "200", "--no-plots", "--no-progress",
+]  # fmt: skip
+
+
+def test_cli_full_disk_on_a_small_tmpfs(tmp_path):
+    """A real full disk (a 500 KiB tmpfs in a private mount namespace): one line, exit 2, the
+    checkpoints already written are bitwise those of an uninterrupted run, and the run resumes
+    to the same final state once there is room again."""
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    if not _can_mount_tmpfs(mount):
+        pytest.skip("needs `unshare -rm` and tmpfs mounts (user namespaces) on this machine")
+    command = " ".join([sys.executable, "-m", "fmjax.cli", *FULL_DISK_RUN, "--out", f"{mount}/run"])
+    script = (
+        f"mount -t tmpfs -o size=500k tmpfs {mount} && "
+        f"{{ {command} 2> {tmp_path}/err; echo $? > {tmp_path}/rc; cp -a {mount}/run {tmp_path}/run; }}"
+    )
+    subprocess.run(["unshare", "-rm", "sh", "-c", script], check=True, timeout=300)
+    err = (tmp_path / "err").read_text()
+    assert (tmp_path / "rc").read_text().strip() == "2", err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    failed = re.match(r"fmjax: error: could not write checkpoint (\d+) .* intact: \[([\d, ]+)\]$", lines[0])
+    assert failed, lines[0]
+    intact = [int(s) for s in failed.group(2).split(",")]
+    assert intact == list(range(100, int(failed.group(1)), 100)) and len(intact) >= 1
+    run = tmp_path / "run"
+    assert sorted(os.listdir(run / "checkpoints")) == [str(s) for s in intact]  # no partial folders
+
+    reference = tmp_path / "reference"
+    assert cli([*FULL_DISK_RUN, "--out", str(reference)]) == 0
+    target = _state_like(reference)
+
+    def same_states(steps, a_dir, b_dir):
+        with fmjax.Checkpointer(a_dir) as a, fmjax.Checkpointer(b_dir) as b:
+            for step in steps:
+                ours = jax.tree.leaves(a.restore(target, step))
+                for x, y in zip(ours, jax.tree.leaves(b.restore(target, step)), strict=True):
+                    np.testing.assert_array_equal(x, y)
+
+    # what was written before the disk filled reads back as what an undisturbed run writes
+    same_states(intact, run / "checkpoints", reference / "checkpoints")
+    assert cli([*FULL_DISK_RUN, "--out", str(run)]) == 0  # room again: resume from the last intact one
+    same_states([600], run / "checkpoints", reference / "checkpoints")
