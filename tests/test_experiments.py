@@ -95,8 +95,8 @@ def test_gaussian_sb_smoke(tmp_path):
 
 def test_digits_gaussian_floor_matches_scipy():
     rng = np.random.default_rng(1)
-    train = rng.integers(0, 256, size=(500, 64)).astype(np.float64)
-    test = rng.integers(0, 256, size=(7, 64)).astype(np.float64)
+    train = rng.integers(0, digits.LEVELS, size=(500, 64)).astype(np.float64)
+    test = rng.integers(0, digits.LEVELS, size=(7, 64)).astype(np.float64)
     bpd = digits.gaussian_floor_bits_per_dim(train, test, seed=3)
     # recompute with scipy from the same dequantisation draws
     draws = np.random.default_rng(3)
@@ -105,18 +105,21 @@ def test_digits_gaussian_floor_matches_scipy():
     log_p = stats.multivariate_normal(z_train.mean(0), np.cov(z_train, rowvar=False)).logpdf(z_test)
     expected = -(log_p + 64 * math.log(digits.SCALE)) / (64 * math.log(2))
     np.testing.assert_allclose(bpd, expected, rtol=1e-9)
-    # uniform pixels: a Gaussian (variance 1/3 in [-1, 1)) scores (0.5 log(2 pi e / 3) + log 128) / log 2
-    # = 8.26 bits/dim; fitting 64x64 covariances to 500 points adds a little on 7 test points
-    uniform_gaussian = (0.5 * math.log(2 * math.pi * math.e / 3) + math.log(128)) / math.log(2)
+    # uniform levels: a Gaussian (variance 1/3 in [-1, 1)) scores (0.5 log(2 pi e / 3) + log(17 / 2)) / log 2
+    # = 4.34 bits/dim, above log2(17) = 4.09 of the uniform itself; fitting 64x64 covariances to 500
+    # points adds a little on 7 test points
+    uniform_gaussian = (0.5 * math.log(2 * math.pi * math.e / 3) + math.log(digits.LEVELS / 2)) / math.log(2)
     assert np.mean(bpd) == pytest.approx(uniform_gaussian, abs=0.15)
 
 
 def test_digits_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv("FMJAX_DATA_DIR", str(tmp_path / "tfds"))
     result = digits.main(
-        ["--steps", "50", "--test-images", "4", "--width", "32", "--depth", "2"] + ["--out", str(tmp_path)]
+        ["--steps", "50", "--eval-every", "25", "--test-images", "4", "--width", "32", "--depth", "2"]
+        + ["--out", str(tmp_path)]
     )
     assert math.isfinite(result["bits_per_dim"]) and result["bits_per_dim"] > 0
-    assert result["gaussian_bits_per_dim"] < 8  # digits are far from uniform
+    assert [row[0] for row in result["history"]] == [25, 50] and result["best_step"] in (25, 50)
+    assert result["gaussian_bits_per_dim"] < math.log2(digits.LEVELS)  # digits are far from uniform
     assert (tmp_path / "digits.png").stat().st_size > 0 and "Gaussian" in (tmp_path / "digits.md").read_text()
     assert jnp.isfinite(result["final_loss"])
