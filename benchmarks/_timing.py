@@ -42,3 +42,10 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def relative(peer_seconds: float, fmjax_seconds: float) -> str:
+    """A peer's time against fmjax's in words: "2.10x slower" or "1.05x faster"."""
+    if peer_seconds >= fmjax_seconds:
+        return f"{peer_seconds / fmjax_seconds:.2f}x slower"
+    return f"{fmjax_seconds / peer_seconds:.2f}x faster"
