@@ -73,12 +73,12 @@ Where we differ:
 - moons -> 8gaussians: our OT-CFM and I-CFM are well below the published 0.601 and 1.557. Our moons are
   the TorchCFM tutorial's (3 m - 1 for unit moons m with noise 0.2 before scaling) and our 8gaussians
   have centres at radius 5; the paper's runner may scale either differently, which changes W2 directly.
-- On the three tasks from N(0, I), our raw-parameter W2 is 0.02-0.09 above the published means, within
-  our own seed-to-seed spread (standard deviation up to 0.2 with two seeds).
+- On the three tasks from N(0, I), our raw-parameter W2 is 0.01-0.09 above the published means, within
+  our own seed-to-seed spread (standard deviation up to 0.14 with two or three seeds).
 - NPE agrees in kind: OT-CFM's paths are close to straight (NPE below 0.05), I-CFM's and FM's are not
   (0.2-1.4), as published; dopri5 needs 40-49 evaluations for OT-CFM against 70-106 for I-CFM.
-- Not run for lack of time on a 2-core CPU: seeds 2-4 of every method, seeds 1-4 of FM and SB-CFM, and
-  SB-CFM on three tasks. `python -m experiments.two_dim` carries on from the log.
+- Not run for lack of time on a 2-core CPU: seeds 3-4 of I-CFM and FM, seeds 2-4 of OT-CFM, seeds 1-4
+  of SB-CFM, and SB-CFM on three tasks. `python -m experiments.two_dim` carries on from the log.
 """
 
 
