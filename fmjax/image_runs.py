@@ -8,6 +8,7 @@ sigma_min = 1e-4 unless the config says otherwise. A run directory holds what a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -55,9 +56,13 @@ def _dequantise(key: jax.Array, images: jax.Array) -> jax.Array:
     return 2.0 * (images.astype(jnp.float32) + u) / 256.0 - 1.0
 
 
-def train_images(config, run_dir: str, *, data_dir: str | None, progress=None, log=None, metrics_writer=None):
-    """Train an image run from its latest checkpoint (if any) to ``config.steps``; returns the final state."""
-    from fmjax.runs import first_nonfinite
+def train_images(config, run_dir: str, *, data_dir: str | None, progress=None, log=None, metrics_path=None):
+    """Train an image run from its latest checkpoint (if any) to ``config.steps``; returns the final state.
+
+    Training records go to ``metrics_path`` (JSON lines, process 0 only); on resume the records past the
+    resumed step are dropped first, as those steps are recomputed identically.
+    """
+    from fmjax.runs import first_nonfinite, resume_metrics
 
     say = log or (lambda message: None)
     apply_fn, optimizer, state = build(config)
@@ -87,11 +92,19 @@ def train_images(config, run_dir: str, *, data_dir: str | None, progress=None, l
         else jax.jit(draw_pair, out_shardings=(data_sharding, data_sharding))
     )
 
-    with Checkpointer(os.path.join(run_dir, "checkpoints"), max_to_keep=config.keep_checkpoints) as ckpt:
+    with contextlib.ExitStack() as stack:
+        ckpt = stack.enter_context(
+            Checkpointer(os.path.join(run_dir, "checkpoints"), max_to_keep=config.keep_checkpoints)
+        )
         state, resumed, skipped = ckpt.restore_latest_good(state)
         for bad, reason in skipped:
             say(f"checkpoint {bad} is unreadable ({reason}); set aside as {bad}.corrupt")
         done = 0 if resumed is None else int(state.step)
+        writer = metrics_path is not None and rank == 0
+        if writer:
+            resume_metrics(metrics_path, done)
+        metrics_log = open(metrics_path if writer else os.devnull, "a")
+        stack.callback(metrics_log.close)
         if resumed is not None:
             say(f"resuming from checkpoint {resumed}")
             if progress is not None:
@@ -138,8 +151,8 @@ def train_images(config, run_dir: str, *, data_dir: str | None, progress=None, l
                     record["skipped"] = int(skipped.sum())
                     say(f"skipped {record['skipped']} non-finite step(s) up to step {done}")
                 losses, skips = [], []
-                if metrics_writer is not None:
-                    metrics_writer(record)
+                metrics_log.write(json.dumps(record) + "\n")
+                metrics_log.flush()
             if save_now:
                 ckpt.save(done, state)
             if progress is not None:

@@ -185,6 +185,21 @@ class Run:
         return cls(config=config, apply_fn=apply_fn, optimizer=optimizer, state=state)
 
 
+def resume_metrics(metrics_path: str, done: int) -> None:
+    """Drop the training records of ``metrics_path`` past step ``done`` (the resumed checkpoint).
+
+    Those steps are recomputed identically after a resume, so keeping them would log them twice; event records
+    (evaluations, notes) and the records up to ``done`` stay. The file is rewritten atomically.
+    """
+    if not os.path.exists(metrics_path):
+        return
+    with open(metrics_path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    kept = [r for r in records if "event" in r or r.get("step", 0) <= done]
+    if len(kept) < len(records):
+        _write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
 def first_nonfinite(losses: np.ndarray, skipped: np.ndarray) -> int | None:
     """Index of the first non-finite loss among the steps that were not skipped, or None."""
     bad = np.flatnonzero(~np.isfinite(losses) & (skipped == 0))
@@ -264,16 +279,14 @@ def train(
     if config.dataset is not None:
         from fmjax import image_runs
 
-        metrics_path = os.path.join(run_dir, METRICS_FILE)
-        with open(metrics_path if jax.process_index() == 0 else os.devnull, "a") as metrics_log:
-
-            def write(record):
-                metrics_log.write(json.dumps(record) + "\n")
-                metrics_log.flush()
-
-            apply_fn, state = image_runs.train_images(
-                config, run_dir, data_dir=data_dir, progress=progress, log=say, metrics_writer=write
-            )
+        apply_fn, state = image_runs.train_images(
+            config,
+            run_dir,
+            data_dir=data_dir,
+            progress=progress,
+            log=say,
+            metrics_path=os.path.join(run_dir, METRICS_FILE),
+        )
         run = Run.build(config)
         run.state = state
         return run
@@ -310,14 +323,8 @@ def train(
         for bad, reason in skipped:
             say(f"checkpoint {bad} is unreadable ({reason}); set aside as {bad}.corrupt")
         done = 0 if resumed is None else int(state.step)
-        records = []
-        if os.path.exists(metrics_path):
-            with open(metrics_path) as f:
-                records = [json.loads(line) for line in f if line.strip()]
-        # training records past the resumed step are recomputed identically; everything else stays
-        kept = [r for r in records if "event" in r or r.get("step", 0) <= done]
         if writer:
-            _write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+            resume_metrics(metrics_path, done)
         if resumed is not None:
             say(f"resuming from checkpoint {resumed}")
             if progress is not None:

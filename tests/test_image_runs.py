@@ -40,3 +40,26 @@ def test_digits_run_trains_samples_and_scores_bits_per_dim(tmp_path, data_dir, c
 def test_unknown_dataset_is_named(tmp_path, capsys):
     assert main(["train", "--dataset", "imagenet", "--out", str(tmp_path / "x")]) == 2
     assert "dataset must be one of 'cifar10', 'digits', 'mnist'" in capsys.readouterr().err
+
+
+def test_resumed_digits_run_logs_each_step_once_with_the_same_losses(tmp_path, data_dir):
+    import shutil
+
+    from fmjax.runs import RunConfig, train
+
+    config = RunConfig(
+        dataset="digits", steps=40, batch_size=16, width=8, log_every=10, checkpoint_every=20
+    )
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train(config, whole)
+    train(config, cut)
+    # as if killed after logging step 40 but before its checkpoint was committed
+    shutil.rmtree(cut / "checkpoints" / "40")
+    train(config, cut)
+
+    def logged(run):
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    steps = [r["step"] for r in logged(cut)]
+    assert steps == [10, 20, 30, 40]
+    assert [r["loss"] for r in logged(cut)] == [r["loss"] for r in logged(whole)]
