@@ -67,6 +67,12 @@ def _add_train(sub) -> None:
         help="sigma_min (condot) or sigma (linear, sb); default 0.1",
     )
     p.add_argument("--coupling", default=defaults.coupling, help=f"one of {', '.join(COUPLINGS)}")
+    p.add_argument(
+        "--coupling-scope",
+        default=defaults.coupling_scope,
+        help="with several devices or processes: 'global' couples the whole global batch (default), "
+        "'local' each device's shard",
+    )
     p.add_argument("--steps", type=int, default=defaults.steps, help="optimiser steps")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--width", type=int, default=defaults.width, help="MLP hidden width")
@@ -166,6 +172,8 @@ def _cmd_train(args) -> int:
         runs.check_run_dir(config, run_dir)
     except ValueError as error:
         raise _UsageError(str(error)) from None
+    # every process checks the directory as it was before process 0 writes the config into it
+    runs.barrier("fmjax: run directory checked")
 
     bar = tqdm(total=config.steps, desc="train", unit="step", disable=args.no_progress, dynamic_ncols=True)
     start = time.perf_counter()

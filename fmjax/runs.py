@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fmjax._checks import check_choice, check_int, check_real
 from fmjax.checkpoint import Checkpointer
-from fmjax.couplings import COUPLINGS, make_coupling
+from fmjax.couplings import COUPLINGS, SCOPES, make_coupling
 from fmjax.data.tfds_sources import DATASETS
 from fmjax.data.toy import TOY_SAMPLERS
 from fmjax.data.toy import sample as toy_sample
@@ -65,6 +65,7 @@ class RunConfig:
     path: str | None = None
     sigma: float | None = None
     coupling: str = "independent"
+    coupling_scope: str = "global"
     steps: int = 20_000
     batch_size: int = 256
     width: int = 64
@@ -91,6 +92,7 @@ class RunConfig:
         check_choice("target", self.target, TOY_SAMPLERS)
         check_choice("path", self.path, PATHS)
         check_choice("coupling", self.coupling, COUPLINGS)
+        check_choice("coupling_scope", self.coupling_scope, SCOPES)
         check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("eval_solver", self.eval_solver, SOLVERS)
         check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
@@ -126,10 +128,17 @@ class RunConfig:
             )
 
     def make_coupling(self):
-        """The coupling; SB-CFM's entropic coupling takes the path's sigma."""
+        """The coupling; SB-CFM's entropic coupling takes the path's sigma.
+
+        ``coupling_scope`` matters only on several devices: "global" (the default) couples the whole
+        global batch, so a run of several processes trains what one process trains; "local" couples each
+        device's shard, as TorchCFM's DDP training does. The independent coupling pairs each x0 with its
+        own x1 in either scope, so it stays local (gathering the batch would only cost time).
+        """
+        scope = "local" if self.coupling == "independent" else self.coupling_scope
         if self.coupling == "sb":
-            return make_coupling("sb", sigma=self.sigma)
-        return make_coupling(self.coupling)
+            return make_coupling("sb", sigma=self.sigma, scope=scope)
+        return make_coupling(self.coupling, scope=scope)
 
     def make_step(self, apply_fn, optimizer, *, mesh=None):
         """The jitted train step of this configuration (toy and image runs alike)."""
@@ -217,6 +226,14 @@ def _next_chunk(step: int, config: RunConfig) -> int:
     return min(boundaries) - step
 
 
+def barrier(name: str) -> None:
+    """Wait for every process of a multi-process run (jax.distributed) to get here; one process: no-op."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def _write_atomic(path: str, text: str) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
@@ -272,9 +289,10 @@ def train(
     config_path = os.path.join(run_dir, CONFIG_FILE)
     if os.path.exists(config_path):
         check_run_dir(config, run_dir)
-    else:
+    elif jax.process_index() == 0:
         os.makedirs(run_dir, exist_ok=True)
         _write_atomic(config_path, json.dumps(config.to_json(), indent=2))
+    barrier("fmjax: run directory ready")
 
     if config.dataset is not None:
         from fmjax import image_runs

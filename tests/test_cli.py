@@ -51,6 +51,7 @@ def test_resumed_config_rebuilds_the_trained_state(tmp_path):
     [
         (["train", "--path", "ot"], "path must be one of 'condot', 'linear', 'sb', 'vp', 'vp_diffusion'"),
         (["train", "--coupling", "hungarian"], "coupling must be one of"),
+        (["train", "--coupling-scope", "world"], "coupling_scope must be one of 'global', 'local'"),
         (["train", "--source", "mnist"], "source must be one of"),
         (["train", "--steps", "0"], "steps must be >= 1"),
         (["train", "--steps", "ten"], "invalid int value"),
@@ -184,3 +185,13 @@ def test_rerunning_a_finished_run_keeps_its_records(tmp_path, capsys):
     assert main(args) == 0  # nothing left to train: evaluates again
     after = (out / "metrics.jsonl").read_text().splitlines()
     assert after[: len(before)] == before and json.loads(after[-1])["event"] == "eval"
+
+
+def test_coupling_scope_reaches_the_coupling():
+    from fmjax.runs import RunConfig
+
+    assert RunConfig(coupling="exact").make_coupling().scope == "global"
+    assert RunConfig(coupling="exact", coupling_scope="local").make_coupling().scope == "local"
+    assert RunConfig(coupling="sb", coupling_scope="local").make_coupling().scope == "local"
+    # independent pairs are the same in either scope: never gathered
+    assert RunConfig(coupling="independent").make_coupling().scope == "local"

@@ -47,9 +47,7 @@ def test_resumed_digits_run_logs_each_step_once_with_the_same_losses(tmp_path, d
 
     from fmjax.runs import RunConfig, train
 
-    config = RunConfig(
-        dataset="digits", steps=40, batch_size=16, width=8, log_every=10, checkpoint_every=20
-    )
+    config = RunConfig(dataset="digits", steps=40, batch_size=16, width=8, log_every=10, checkpoint_every=20)
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     train(config, whole)
     train(config, cut)

@@ -53,14 +53,17 @@ def _wait_two(processes, log_dir):
         assert process.returncode == 0, (log_dir / f"process{i}.log").read_text()[-2000:]
 
 
-def test_two_processes_match_one(tmp_path):
+# the exact coupling's default scope is global: two processes couple the one global batch, as one process does
+@pytest.mark.parametrize("coupling", ["independent", "exact"])
+def test_two_processes_match_one(coupling, tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
+    args = [*ARGS, "--coupling", coupling]
     multi = tmp_path / "two"
-    processes = _start_two(multi, ARGS, env, tmp_path)
+    processes = _start_two(multi, args, env, tmp_path)
     single = tmp_path / "one"
     done = subprocess.run(
-        [FMJAX, "train", "--out", str(single), *ARGS], capture_output=True, text=True, env=env
+        [FMJAX, "train", "--out", str(single), *args], capture_output=True, text=True, env=env
     )
     assert done.returncode == 0, done.stderr[-2000:]
     _wait_two(processes, tmp_path)
