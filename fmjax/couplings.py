@@ -288,15 +288,27 @@ class GlobalBatch(_OnMesh):
     def apply(self, key, x0, x1):
         from jax.sharding import NamedSharding, PartitionSpec
 
-        whole = NamedSharding(self.mesh, PartitionSpec())
+        replicated = PartitionSpec()
         sharded = NamedSharding(self.mesh, PartitionSpec(self.axis))
-        x0 = jax.lax.with_sharding_constraint(x0, whole)
-        x1 = jax.lax.with_sharding_constraint(x1, whole)
-        a, b, pairs = self.inner.apply(key, x0, x1)
+
+        def whole_batch(key, x0, x1):
+            a, b, (i, j) = self.inner.apply(key, x0, x1)
+            return a, b, i, j
+
+        # The batch is gathered once; then every device couples the whole batch on its own, with no
+        # collective inside the solver (left to the partitioner, Sinkhorn's loop and the exact
+        # assignment's host callback were split over the devices and paid a collective per iteration).
+        a, b, i, j = jax.shard_map(
+            whole_batch,
+            mesh=self.mesh,
+            in_specs=(replicated, replicated, replicated),
+            out_specs=(replicated, replicated, replicated, replicated),
+            check_vma=False,
+        )(key, x0, x1)
         return (
             jax.lax.with_sharding_constraint(a, sharded),
             jax.lax.with_sharding_constraint(b, sharded),
-            pairs,
+            (i, j),
         )
 
 
