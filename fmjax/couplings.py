@@ -234,6 +234,29 @@ class _OnMesh(Coupling):
     def pairs(self, key, x0, x1):
         return self.inner.pairs(key, x0, x1)
 
+    def _on_each_device(self, key, x0, x1, batch_spec, *, fold_in_device: bool = False):
+        """``inner.apply`` on every device, on the part of the batch ``batch_spec`` gives it.
+
+        Inside ``shard_map`` the solver runs with no collective; the key is replicated and, with
+        ``fold_in_device``, folded with the device's index along ``axis``.
+        """
+        from jax.sharding import PartitionSpec
+
+        def body(key, x0, x1):
+            if fold_in_device and key is not None:
+                key = jax.random.fold_in(key, jax.lax.axis_index(self.axis))
+            a, b, (i, j) = self.inner.apply(key, x0, x1)
+            return a, b, i, j
+
+        a, b, i, j = jax.shard_map(
+            body,
+            mesh=self.mesh,
+            in_specs=(PartitionSpec(), batch_spec, batch_spec),
+            out_specs=(batch_spec,) * 4,
+            check_vma=False,
+        )(key, x0, x1)
+        return a, b, (i, j)
+
 
 @dataclasses.dataclass(frozen=True)
 class PerShard(_OnMesh):
@@ -251,22 +274,7 @@ class PerShard(_OnMesh):
     def apply(self, key, x0, x1):
         from jax.sharding import PartitionSpec
 
-        data, replicated = PartitionSpec(self.axis), PartitionSpec()
-
-        def local(key, x0, x1):
-            if key is not None:
-                key = jax.random.fold_in(key, jax.lax.axis_index(self.axis))
-            a, b, (i, j) = self.inner.apply(key, x0, x1)
-            return a, b, i, j
-
-        a, b, i, j = jax.shard_map(
-            local,
-            mesh=self.mesh,
-            in_specs=(replicated, data, data),
-            out_specs=(data, data, data, data),
-            check_vma=False,
-        )(key, x0, x1)
-        return a, b, (i, j)
+        return self._on_each_device(key, x0, x1, PartitionSpec(self.axis), fold_in_device=True)
 
 
 jax.tree_util.register_static(PerShard)
@@ -288,27 +296,15 @@ class GlobalBatch(_OnMesh):
     def apply(self, key, x0, x1):
         from jax.sharding import NamedSharding, PartitionSpec
 
-        replicated = PartitionSpec()
         sharded = NamedSharding(self.mesh, PartitionSpec(self.axis))
-
-        def whole_batch(key, x0, x1):
-            a, b, (i, j) = self.inner.apply(key, x0, x1)
-            return a, b, i, j
-
         # The batch is gathered once; then every device couples the whole batch on its own, with no
         # collective inside the solver (left to the partitioner, Sinkhorn's loop and the exact
         # assignment's host callback were split over the devices and paid a collective per iteration).
-        a, b, i, j = jax.shard_map(
-            whole_batch,
-            mesh=self.mesh,
-            in_specs=(replicated, replicated, replicated),
-            out_specs=(replicated, replicated, replicated, replicated),
-            check_vma=False,
-        )(key, x0, x1)
+        a, b, pairs = self._on_each_device(key, x0, x1, PartitionSpec())
         return (
             jax.lax.with_sharding_constraint(a, sharded),
             jax.lax.with_sharding_constraint(b, sharded),
-            (i, j),
+            pairs,
         )
 
 
