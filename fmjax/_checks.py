@@ -56,15 +56,25 @@ def check_int(name: str, value: Any, *, low: int | None = None) -> int:
     return value
 
 
-def check_batch(name: str, x: Any) -> None:
-    """Check that ``x`` is a floating array of shape [batch, *dims] with at least one data axis."""
+FULL_PRECISION = ("float32", "float64")
+HALF_PRECISION = ("bfloat16", "float16")
+
+
+def check_batch(name: str, x: Any, *, half_precision: bool = False) -> None:
+    """Check that ``x`` is a floating array of shape [batch, *dims] with at least one data axis.
+
+    Accepted dtypes are float32 and float64, and with ``half_precision=True`` also bfloat16 and float16
+    (for callers that upcast the batch themselves, e.g. a training step). Integer and other dtypes
+    raise a TypeError naming ``name`` and listing the accepted dtypes.
+    """
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"{name} must be an array of shape [batch, *dims]; got {type(x).__name__}")
     if len(x.shape) < 2:
         raise ValueError(f"{name} must have shape [batch, *dims] (rank >= 2); got shape {x.shape}")
-    if not jnp.issubdtype(x.dtype, jnp.floating) or jnp.dtype(x.dtype).itemsize < 4:
+    accepted = FULL_PRECISION + (HALF_PRECISION if half_precision else ())
+    if jnp.dtype(x.dtype).name not in accepted:
         raise TypeError(
-            f"{name} must be a float32 or float64 array; got dtype {x.dtype}. "
+            f"{name} must be a {', '.join(accepted[:-1])} or {accepted[-1]} array; got dtype {x.dtype}. "
             f"Convert it first, e.g. {name}.astype(jnp.float32) (integer data: scale it as the model expects)"
         )
 
@@ -79,10 +89,10 @@ def check_finite(name: str, x: Any) -> None:
         raise ValueError(f"{name} must be finite; it holds {bad} NaN or inf value(s)")
 
 
-def check_pair(x0: Any, x1: Any) -> None:
-    """Check that ``x0`` and ``x1`` are batches of the same shape."""
-    check_batch("x0", x0)
-    check_batch("x1", x1)
+def check_pair(x0: Any, x1: Any, *, half_precision: bool = False) -> None:
+    """Check that ``x0`` and ``x1`` are batches of the same shape (dtypes as ``check_batch`` accepts)."""
+    check_batch("x0", x0, half_precision=half_precision)
+    check_batch("x1", x1, half_precision=half_precision)
     if x0.shape != x1.shape:
         raise ValueError(f"x0 and x1 must have the same shape; got {x0.shape} and {x1.shape}")
 

@@ -1,4 +1,5 @@
-"""Flax NNX velocity fields (MLP, UNet) and the bridge to the ``apply_fn(params, t, x)`` contract."""
+"""Flax NNX velocity fields (MLP, UNet), the bridge to the ``apply_fn(params, t, x)`` contract, and
+mixed precision (bfloat16 activations, float32 parameters) for any such ``apply_fn``."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import jax
 from flax import nnx
 
 from fmjax.models.mlp import ACTIVATIONS, MLP
+from fmjax.models.precision import mixed_precision
 from fmjax.models.unet import UNet
 
-__all__ = ["MLP", "UNet", "ACTIVATIONS", "functional"]
+__all__ = ["MLP", "UNet", "ACTIVATIONS", "functional", "mixed_precision"]
 
 
 def functional(model: nnx.Module) -> tuple[Callable[[Any, jax.Array, jax.Array], jax.Array], Any]:
