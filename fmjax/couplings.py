@@ -19,6 +19,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fmjax._checks import check_batch, check_choice, check_finite, check_int, check_real, lookup
 
@@ -109,7 +110,10 @@ def squared_distances(x0: jax.Array, x1: jax.Array) -> jax.Array:
     b = x1.reshape(x1.shape[0], -1)
     center = (jnp.sum(a, axis=0) + jnp.sum(b, axis=0)) / (a.shape[0] + b.shape[0])
     a, b = a - center, b - center
-    cost = jnp.sum(a * a, axis=1)[:, None] + jnp.sum(b * b, axis=1)[None, :] - 2.0 * a @ b.T
+    # full float32 products: the default precision is TF32 on recent GPUs and one bf16 pass on TPUs,
+    # which would make the "exact" coupling exact for other costs than the batch's
+    cross = jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST)
+    cost = jnp.sum(a * a, axis=1)[:, None] + jnp.sum(b * b, axis=1)[None, :] - 2.0 * cross
     return jnp.maximum(cost, 0.0)
 
 
@@ -135,11 +139,17 @@ class Exact(Coupling):
     """Exact minibatch optimal transport (OT-CFM): the permutation minimising sum_i ||x0[i] - x1[j_i]||^2.
 
     The assignment is solved on the host by fmjax's compiled solver (an epsilon-scaling auction for
-    the duals, then Jonker-Volgenant shortest augmenting paths, exact for the float32-rounded costs)
-    through ``jax.pure_callback``, so the coupling is jit-able and usable inside ``make_train_step``.
-    For samples of at most 32 dimensions the host forms the costs from the points (float64, rounded
-    once); for larger ones the device builds the cost matrix. Returns (arange(n), j): no x0 is
-    duplicated or dropped.
+    the duals, then Jonker-Volgenant shortest augmenting paths, exact for the float32-rounded costs).
+    The work is split in two so that a training loop can run it off the device's critical path:
+    ``host_inputs(x0, x1)`` runs on the device (jit-able) and gives what the host needs, and
+    ``solve_host(inputs)`` runs on the host (numpy in, numpy out; the C solver releases the GIL, so
+    several solves run on threads in parallel). ``pairs`` chains the two through ``jax.pure_callback``,
+    so the coupling is also usable inside a jitted loss (``cfm_loss``, ``make_train_step``), where the
+    device waits for the solve; ``fmjax train`` instead solves batch k+1 while the device runs step k.
+
+    For samples of at most 32 dimensions the host gets the centred points and forms the costs itself
+    (float64, rounded once); for larger ones the device builds the cost matrix at full float32
+    precision. Returns (arange(n), j): no x0 is duplicated or dropped.
     """
 
     scope: str = "local"
@@ -147,18 +157,29 @@ class Exact(Coupling):
     def __post_init__(self):
         check_choice("scope", self.scope, SCOPES)
 
-    def pairs(self, key, x0, x1):
+    def host_inputs(self, x0: jax.Array, x1: jax.Array) -> tuple[jax.Array, ...]:
+        """What ``solve_host`` needs, computed on the device: the centred float32 points ``(a, b)`` of
+        shape [n, d] when d <= 32, else the float32 cost matrix ``(C,)`` of shape [n, n]."""
         n = x0.shape[0]
-        out = jax.ShapeDtypeStruct((n,), jnp.int32)
         a = x0.reshape(n, -1)
         b = x1.reshape(n, -1)
         if a.shape[1] <= POINTS_ON_HOST_MAX_DIM:
             center = (jnp.sum(a, axis=0) + jnp.sum(b, axis=0)) / (2 * n)
-            a, b = (a - center).astype(jnp.float32), (b - center).astype(jnp.float32)
-            j = jax.pure_callback(_host_assignment_points, out, a, b, vmap_method="sequential")
-        else:
-            cost = squared_distances(x0, x1).astype(jnp.float32)
-            j = jax.pure_callback(_host_assignment, out, cost, vmap_method="sequential")
+            return (a - center).astype(jnp.float32), (b - center).astype(jnp.float32)
+        return (squared_distances(x0, x1).astype(jnp.float32),)
+
+    @staticmethod
+    def solve_host(inputs: tuple) -> np.ndarray:
+        """The optimal ``j`` (int32, shape [n]) from ``host_inputs``'s arrays, on the host."""
+        if len(inputs) == 2:
+            return np.asarray(_host_assignment_points(*inputs), np.int32)
+        return np.asarray(_host_assignment(inputs[0]), np.int32)
+
+    def pairs(self, key, x0, x1):
+        n = x0.shape[0]
+        out = jax.ShapeDtypeStruct((n,), jnp.int32)
+        inputs = self.host_inputs(x0, x1)
+        j = jax.pure_callback(lambda *arrays: self.solve_host(arrays), out, *inputs, vmap_method="sequential")
         return jnp.arange(n, dtype=jnp.int32), j
 
 
