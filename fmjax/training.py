@@ -85,6 +85,10 @@ def ema_update(ema_params: Any, params: Any, decay: float) -> Any:
     return jax.tree.map(lambda e, p: e + (1 - decay) * (p - e), ema_params, params)
 
 
+def _at_least_float32(x: jax.Array) -> jax.Array:
+    return x.astype(jnp.float32) if jnp.dtype(x.dtype).itemsize < 4 else x
+
+
 def make_train_step(
     apply_fn: ApplyFn,
     optimizer: optax.GradientTransformation,
@@ -131,8 +135,9 @@ def make_train_step(
     Returns:
       The jitted step. ``metrics`` holds the scalar ``loss`` (and ``grad_norm`` when asked,
       ``skipped`` with ``skip_nonfinite``). x0 and x1 must be floating point arrays of the same
-      shape [batch, *dims] (integer or half-precision data is refused with a TypeError: convert it
-      with ``x.astype(jnp.float32)``, scaled as the model expects).
+      shape [batch, *dims]; bfloat16 and float16 batches are upcast to float32 inside the step
+      (integer data is refused with a TypeError: convert it, scaled as the model expects). For
+      bfloat16 computation in the model, wrap ``apply_fn`` with ``fmjax.models.mixed_precision``.
     """
     ema_decay = check_real("ema_decay", ema_decay, low=0.0, high=1.0, high_inclusive=False)
     if not isinstance(path, AffinePath):
@@ -149,6 +154,8 @@ def make_train_step(
     grad_fn = jax.value_and_grad(cfm_loss, argnums=1, has_aux=True)
 
     def step(state: TrainState, x0: jax.Array, x1: jax.Array):
+        # half-precision batches (bf16 pipelines) are upcast: the path maths and the loss run in float32
+        x0, x1 = _at_least_float32(x0), _at_least_float32(x1)
         key, loss_key = jax.random.split(state.key)
         (loss, _), grads = grad_fn(
             apply_fn,
@@ -191,7 +198,7 @@ def make_train_step(
         jitted = jax.jit(step, donate_argnums=donate_argnums)
 
         def checked(state: TrainState, x0: jax.Array, x1: jax.Array):
-            check_pair(x0, x1)
+            check_pair(x0, x1, half_precision=True)
             return jitted(state, x0, x1)
 
         checked.lower = jitted.lower
@@ -210,7 +217,7 @@ def make_train_step(
     )
 
     def checked_step(state: TrainState, x0: jax.Array, x1: jax.Array):
-        check_pair(x0, x1)
+        check_pair(x0, x1, half_precision=True)
         for name, x in (("x0", x0), ("x1", x1)):
             if x.shape[0] % devices:
                 raise ValueError(

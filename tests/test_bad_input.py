@@ -144,10 +144,10 @@ API_CASES = [
         ["x0 must be a float32 or float64 array", "int32", "astype(jnp.float32)"],
     ),
     (
-        "float16-data-train",
-        lambda: _step()(_state(), X.astype(jnp.float16), X.astype(jnp.float16)),
+        "int-data-train",
+        lambda: _step()(_state(), X.astype(jnp.int32), X.astype(jnp.int32)),
         TypeError,
-        ["x0 must be a float32 or float64 array", "float16"],
+        ["x0 must be a float32, float64, bfloat16 or float16 array", "int32"],
     ),
     (
         "bfloat16-data-loss",

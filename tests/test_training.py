@@ -147,3 +147,19 @@ def test_make_train_step_rejects_bad_arguments():
         make_train_step(apply_fn, optax.adam(1e-3), path="linear")
     with pytest.raises(TypeError, match="coupling must be an fmjax coupling"):
         make_train_step(apply_fn, optax.adam(1e-3), path=Linear(), coupling=lambda k, a, b: (a, b))
+
+
+def test_half_precision_batches_are_upcast_in_the_step():
+    # a bf16 batch trains as its float32 upcast does: the step casts it before the path maths
+    apply_fn, params = functional(MLP(dim=2, width=16, depth=2, seed=0))
+    optimizer = optax.adam(1e-2)
+    x0 = jax.random.normal(jax.random.key(3), (64, 2)).astype(jnp.bfloat16)
+    x1 = (x0.astype(jnp.float32) + 2.0).astype(jnp.bfloat16)
+    results = []
+    for a, b in ((x0, x1), (x0.astype(jnp.float32), x1.astype(jnp.float32))):
+        state = TrainState.create(params=params, optimizer=optimizer, key=jax.random.key(4))
+        step = make_train_step(apply_fn, optimizer, path=Linear(), donate=False)
+        state, metrics = step(state, a, b)
+        results.append((float(metrics["loss"]), state))
+    assert results[0][0] == results[1][0]
+    assert results[0][1].params["out"]["kernel"].dtype == jnp.float32
