@@ -113,6 +113,30 @@ def _add_train(sub) -> None:
         help="run directory (default: runs/train-<time>); a directory holding a run of the same "
         "configuration is resumed from its latest checkpoint",
     )
+    p.add_argument(
+        "--precision",
+        default=defaults.precision,
+        help="float32, or bf16: bfloat16 activations with float32 parameters and optimiser state",
+    )
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="shard the batch over the first N devices (default: every device the run sees)",
+    )
+    p.add_argument(
+        "--no-pipeline",
+        dest="pipeline",
+        action="store_false",
+        help="solve the exact coupling inside the step (the device waits) instead of on host threads "
+        "one chunk ahead",
+    )
+    p.add_argument(
+        "--distributed",
+        default=None,
+        help="'auto': join a multi-process run with jax.distributed.initialize() detecting the cluster "
+        "(TPU pods, SLURM, ...); otherwise give --coordinator, --num-processes and --process-id",
+    )
     p.add_argument("--coordinator", default=None, help="HOST:PORT of process 0, for a multi-process run")
     p.add_argument("--num-processes", type=int, default=None, help="processes in a multi-process run")
     p.add_argument(
@@ -135,6 +159,17 @@ def _config_from_args(args):
 def _init_distributed(args) -> None:
     """Join a multi-process run through jax.distributed (gloo collectives on CPU)."""
     given = [args.coordinator is not None, args.num_processes is not None, args.process_id is not None]
+    if args.distributed is not None:
+        if args.distributed != "auto":
+            raise _UsageError(f"--distributed must be 'auto'; got {args.distributed!r}")
+        if any(given):
+            raise _UsageError(
+                "--distributed auto detects the cluster: drop --coordinator, --num-processes and --process-id"
+            )
+        import jax
+
+        jax.distributed.initialize()
+        return
     if not any(given):
         return
     if not all(given):
@@ -184,6 +219,8 @@ def _cmd_train(args) -> int:
             progress=bar.update,
             log=lambda message: bar.write(message),
             data_dir=args.data_dir,
+            devices=args.devices,
+            pipeline=args.pipeline,
         )
     except ValueError as error:
         raise _UsageError(str(error)) from None

@@ -11,6 +11,7 @@ A run directory holds:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -27,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fmjax._checks import check_choice, check_int, check_real
 from fmjax.checkpoint import Checkpointer
-from fmjax.couplings import COUPLINGS, SCOPES, make_coupling
+from fmjax.couplings import COUPLINGS, SCOPES, independent, make_coupling
 from fmjax.data.tfds_sources import DATASETS
 from fmjax.data.toy import TOY_SAMPLERS
 from fmjax.data.toy import sample as toy_sample
@@ -47,6 +48,7 @@ SIGMA_PATHS = ("condot", "linear", "sb")
 DEFAULT_SIGMA = 0.1
 DEFAULT_SIGMA_IMAGES = 1e-4
 NONFINITE_POLICIES = ("stop", "skip")
+PRECISIONS = ("float32", "bf16")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -82,6 +84,7 @@ class RunConfig:
     checkpoint_every: int = 5_000
     keep_checkpoints: int = 3
     on_nonfinite: str = "stop"
+    precision: str = "float32"
 
     def __post_init__(self):
         if self.dataset is not None:
@@ -96,6 +99,7 @@ class RunConfig:
         check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("eval_solver", self.eval_solver, SOLVERS)
         check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
+        check_choice("precision", self.precision, PRECISIONS)
         if not SOLVERS[self.eval_solver].adaptive:
             raise ValueError(
                 f"eval_solver must be adaptive ({', '.join(n for n, s in SOLVERS.items() if s.adaptive)});"
@@ -140,13 +144,17 @@ class RunConfig:
             return make_coupling("sb", sigma=self.sigma, scope=scope)
         return make_coupling(self.coupling, scope=scope)
 
-    def make_step(self, apply_fn, optimizer, *, mesh=None):
-        """The jitted train step of this configuration (toy and image runs alike)."""
+    def make_step(self, apply_fn, optimizer, *, mesh=None, host_pairs: bool = False):
+        """The jitted train step of this configuration (toy and image runs alike).
+
+        With ``host_pairs`` the step couples nothing: the loop gives it batches already paired by a
+        host-solved coupling.
+        """
         return make_train_step(
             apply_fn,
             optimizer,
             path=make_path(self.path, sigma=self.sigma),
-            coupling=self.make_coupling(),
+            coupling=independent() if host_pairs else self.make_coupling(),
             ema_decay=self.ema_decay,
             log_grad_norm=True,
             skip_nonfinite=self.on_nonfinite == "skip",
@@ -159,7 +167,12 @@ class RunConfig:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunConfig:
-        """Rebuild a configuration from ``to_json``'s dict; unknown keys are an error."""
+        """Rebuild a configuration from ``to_json``'s dict; unknown keys are an error.
+
+        The ``environment`` record that ``config.json`` keeps beside the configuration (devices of the
+        first start) is not part of it and is ignored.
+        """
+        data = {k: v for k, v in data.items() if k != "environment"}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -175,22 +188,31 @@ class Run:
     apply_fn: Callable[[Any, jax.Array, jax.Array], jax.Array]
     optimizer: optax.GradientTransformation
     state: TrainState
+    environment: dict[str, Any] | None = None  # devices it trained on, set by ``train``
 
     @classmethod
     def build(cls, config: RunConfig) -> Run:
-        """Model, optimiser and initial state for ``config``."""
+        """Model, optimiser and initial state for ``config``.
+
+        With ``precision="bf16"`` the model computes in bfloat16 (parameters cast on the way in, the
+        velocity returned as float32); parameters, optimiser state and EMA stay float32.
+        """
         if config.dataset is not None:
             from fmjax import image_runs
 
             apply_fn, optimizer, state = image_runs.build(config)
-            return cls(config=config, apply_fn=apply_fn, optimizer=optimizer, state=state)
-        model = MLP(
-            dim=2, width=config.width, depth=config.depth, activation=config.activation, seed=config.seed
-        )
-        apply_fn, params = functional(model)
-        optimizer = optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
-        key = jax.random.PRNGKey(config.seed)
-        state = TrainState.create(params=params, optimizer=optimizer, key=jax.random.fold_in(key, 1))
+        else:
+            model = MLP(
+                dim=2, width=config.width, depth=config.depth, activation=config.activation, seed=config.seed
+            )
+            apply_fn, params = functional(model)
+            optimizer = optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
+            key = jax.random.PRNGKey(config.seed)
+            state = TrainState.create(params=params, optimizer=optimizer, key=jax.random.fold_in(key, 1))
+        if config.precision == "bf16":
+            from fmjax.models import mixed_precision
+
+            apply_fn = mixed_precision(apply_fn, jnp.bfloat16)
         return cls(config=config, apply_fn=apply_fn, optimizer=optimizer, state=state)
 
 
@@ -266,6 +288,101 @@ def check_run_dir(config: RunConfig, run_dir: str | os.PathLike) -> None:
         )
 
 
+def make_mesh(devices: int | None = None) -> Mesh | None:
+    """A data-parallel mesh (axis "data") over the first ``devices`` devices of the run (default: all).
+
+    ``None`` when the run has a single device: the step then runs unsharded. With several processes
+    (jax.distributed) every process must see the same count, and ``devices`` must use all of them.
+    """
+    available = jax.devices()
+    if devices is None:
+        devices = len(available)
+    check_int("devices", devices, low=1)
+    if devices > len(available):
+        raise ValueError(f"devices must be at most the {len(available)} devices this run sees; got {devices}")
+    if jax.process_count() > 1 and devices != len(available):
+        raise ValueError(
+            f"devices must be all {len(available)} devices of a multi-process run; got {devices}"
+        )
+    if devices == 1:
+        return None
+    return Mesh(np.array(available[:devices]), ("data",))
+
+
+def environment(mesh: Mesh | None) -> dict[str, Any]:
+    """What the run trains on: device count, kind and platform, process count."""
+    devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
+    return {
+        "devices": len(devices),
+        "device_kind": devices[0].device_kind,
+        "platform": devices[0].platform,
+        "processes": jax.process_count(),
+    }
+
+
+def _source(config: RunConfig, data_dir: str | None):
+    if config.dataset is None:
+        from fmjax.data.sources import ToySource
+
+        return ToySource(source=config.source, target=config.target, batch_size=config.batch_size)
+    from fmjax.data.sources import ImageSource
+    from fmjax.data.tfds_sources import data_source
+
+    return ImageSource(
+        data_source(config.dataset, split="train", data_dir=data_dir),
+        batch_size=config.batch_size,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+
+# Upper bound on the device memory one dispatch's inputs (host data and host-solved pairs' inputs) take:
+# the chunk of steps per dispatch is cut shorter where a step's inputs are large (images, cost matrices).
+CHUNK_INPUT_BYTES = 64 * 2**20
+
+
+def _steps_per_dispatch(config: RunConfig, source, coupling) -> int:
+    spec = source.host_spec().values()
+    per_step = sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in spec)
+    if coupling is not None:
+        inputs = jax.eval_shape(
+            lambda key: coupling.host_inputs(*source.pair(key, _abstract_host(source))),
+            jax.random.PRNGKey(0),
+        )
+        per_step += sum(math.prod(a.shape) * a.dtype.itemsize for a in inputs)
+    return max(1, min(config.log_every, CHUNK_INPUT_BYTES // max(per_step, 1)))
+
+
+def _abstract_host(source) -> dict[str, jax.ShapeDtypeStruct]:
+    return {name: jax.ShapeDtypeStruct(shape, dtype) for name, (shape, dtype) in source.host_spec().items()}
+
+
+def _chunks(done: int, config: RunConfig, limit: int):
+    """The (first step, length) of every dispatch from ``done`` to the end; a function of the step alone,
+    so a resumed run cuts (and so computes) its chunks exactly as an uninterrupted one."""
+    while done < config.steps:
+        n = min(_next_chunk(done, config), limit - done % limit)
+        yield done, n
+        done += n
+
+
+def _record(step: int, logged: list, elapsed: float) -> dict[str, Any]:
+    """The metrics record of the chunks since the last one: mean loss of the applied steps, mean gradient
+    norm, skipped steps."""
+    losses, skipped, grad_norms = (np.concatenate(parts) for parts in zip(*logged, strict=True))
+    applied = skipped == 0
+    record = {
+        "step": step,
+        "loss": float(losses[applied].mean()) if applied.any() else math.nan,
+        "grad_norm": float(grad_norms.mean()),
+        "time": round(elapsed, 3),
+    }
+    if skipped.any():
+        record["skipped"] = int(skipped.sum())
+    return record
+
+
 def train(
     config: RunConfig,
     run_dir: str | os.PathLike,
@@ -273,70 +390,122 @@ def train(
     progress: Callable[[int], Any] | None = None,
     log: Callable[[str], Any] | None = None,
     data_dir: str | None = None,
+    devices: int | None = None,
+    pipeline: bool = True,
+    solver_threads: int | None = None,
+    source: Any = None,
 ) -> Run:
     """Train ``config`` in ``run_dir``, resuming exactly from its latest good checkpoint if it has one.
 
-    A new directory gets the config; one that holds a run must hold the same config (else a
-    ValueError names the differing fields). The step runs inside ``lax.scan`` up to the next log or
-    checkpoint boundary per dispatch, with both batches drawn on the device from (seed, step), so
-    data order and randomness are functions of the step: a run killed at any moment and started
-    again ends with the same parameters, bit for bit. Checkpoints are written every
-    ``checkpoint_every`` steps and at the end, keeping the last ``keep_checkpoints``; unreadable
-    ones are reported through ``log`` and set aside. ``progress(n)`` is called after every chunk.
+    One loop for every data source (2D samplers, tfds images). A new directory gets the config; one that
+    holds a run must hold the same config (else a ValueError names the differing fields).
+
+    Devices: the batch is sharded over ``devices`` devices (default: every device the run sees, over all
+    processes), the state replicated; the loss is the mean over the global batch, so the run trains what
+    one device would, up to the order of floating-point reductions.
+
+    Each dispatch runs several steps under ``lax.scan`` (up to the next log or checkpoint boundary, fewer
+    where a step's inputs are large). Randomness and data are functions of (seed, step): a run killed at
+    any moment and started again ends with the same parameters, bit for bit. Host work overlaps the
+    device: a thread reads and places the next chunks' host data; with ``pipeline`` (default) a
+    host-solved coupling (exact OT) is solved for chunk k+1 on ``solver_threads`` host threads while the
+    device runs chunk k, once per global batch, and the step receives the pairs as a sharded input
+    (``pipeline=False`` solves inside the step, where the device waits for the host). Checkpoints are
+    written asynchronously every ``checkpoint_every`` steps and at the end, keeping the last
+    ``keep_checkpoints``; unreadable ones are reported through ``log`` and set aside.
+    ``progress(n)`` is called after every chunk of n steps.
+
+    ``source`` replaces the data the configuration names (``fmjax.data.sources``: an object with
+    ``host_spec()``, ``host_batch(step)`` and ``pair(key, host)``, e.g. an ``ImageSource`` over any
+    random-access records); the model still follows ``config`` (``dataset`` picks the UNet's shape).
     """
+    from fmjax._pipeline import HostPairs, Prefetcher
+
     run_dir = os.fspath(run_dir)
     say = log or (lambda message: None)
+    mesh = make_mesh(devices)
+    device_count = 1 if mesh is None else mesh.devices.size
+    if config.batch_size % device_count:
+        raise ValueError(
+            f"batch_size {config.batch_size} cannot be split evenly over {device_count} devices; "
+            f"use a multiple of {device_count} or restrict the devices (--devices)"
+        )
+    if source is None:
+        source = _source(config, data_dir)  # validates the data before anything is written
+    env = environment(mesh)
     config_path = os.path.join(run_dir, CONFIG_FILE)
     if os.path.exists(config_path):
         check_run_dir(config, run_dir)
     elif jax.process_index() == 0:
         os.makedirs(run_dir, exist_ok=True)
-        _write_atomic(config_path, json.dumps(config.to_json(), indent=2))
+        _write_atomic(config_path, json.dumps({**config.to_json(), "environment": env}, indent=2))
     barrier("fmjax: run directory ready")
 
-    if config.dataset is not None:
-        from fmjax import image_runs
-
-        apply_fn, state = image_runs.train_images(
-            config,
-            run_dir,
-            data_dir=data_dir,
-            progress=progress,
-            log=say,
-            metrics_path=os.path.join(run_dir, METRICS_FILE),
-        )
-        run = Run.build(config)
-        run.state = state
-        return run
-
     run = Run.build(config)
-    # several processes (jax.distributed): data parallel over every device, state replicated
-    mesh = Mesh(np.array(jax.devices()), ("data",)) if jax.process_count() > 1 else None
     writer = jax.process_index() == 0
-    step = config.make_step(run.apply_fn, run.optimizer, mesh=mesh)
+    coupling = config.make_coupling()
+    host_solved = pipeline and hasattr(coupling, "solve_host")
+    step = config.make_step(run.apply_fn, run.optimizer, mesh=mesh, host_pairs=host_solved)
     data_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
+    if mesh is not None:
+        replicated = NamedSharding(mesh, PartitionSpec())
+        batch = NamedSharding(mesh, PartitionSpec("data"))
+        chunked = NamedSharding(mesh, PartitionSpec(None, "data"))
+    constrain = (lambda x: x) if mesh is None else (lambda x: jax.lax.with_sharding_constraint(x, batch))
 
-    def one(state, _):
-        key = jax.random.fold_in(data_key, state.step)
-        k0, k1 = jax.random.split(key)
-        x0 = toy_sample(config.source, k0, config.batch_size)
-        x1 = toy_sample(config.target, k1, config.batch_size)
+    def pair(step_index, host):
+        x0, x1 = source.pair(jax.random.fold_in(data_key, step_index), host)
+        return constrain(x0), constrain(x1)
+
+    def one(state, inputs):
+        host, j = inputs
+        x0, x1 = pair(state.step, host)
+        if j is not None:  # pairs solved on the host: (x0[k], x1[j[k]])
+            x1 = constrain(x1[j])
         return step(state, x0, x1)
 
-    def scan(state, n):
-        state, metrics = jax.lax.scan(one, state, None, length=n)
+    def scan(state, host, pairs, n):
+        state, metrics = jax.lax.scan(one, state, (host, pairs), length=n)
         skipped = metrics.get("skipped", jnp.zeros(n, jnp.int32))
-        return state, metrics["loss"], jnp.mean(metrics["grad_norm"]), skipped
+        return state, metrics["loss"], metrics["grad_norm"], skipped
+
+    def host_inputs(first, host, n):
+        steps = first + jnp.arange(n)
+        return jax.vmap(lambda s, h: coupling.host_inputs(*pair(s, h)))(steps, host)
 
     initial = run.state
     if mesh is None:
-        chunk = jax.jit(scan, static_argnums=1, donate_argnums=0)
+        chunk = jax.jit(scan, static_argnums=3, donate_argnums=0)
+        prepare = jax.jit(host_inputs, static_argnums=2)
     else:
-        replicated = NamedSharding(mesh, PartitionSpec())
         initial = jax.device_put(initial, replicated)
-        chunk = jax.jit(scan, static_argnums=1, donate_argnums=0, out_shardings=replicated)
+        chunk = jax.jit(scan, static_argnums=3, donate_argnums=0, out_shardings=replicated)
+        prepare = jax.jit(host_inputs, static_argnums=2, out_shardings=replicated)
+    limit = _steps_per_dispatch(config, source, coupling if host_solved else None)
+
+    def place(item):
+        """The host data of a chunk, stacked [n, local batch, ...] and placed with the batch sharding."""
+        first, n = item
+        host = [source.host_batch(s) for s in range(first, first + n)]
+        stacked = {name: np.stack([h[name] for h in host]) for name in source.host_spec()}
+        if mesh is None:
+            return jax.device_put(stacked)
+        return {k: jax.make_array_from_process_local_data(chunked, v) for k, v in stacked.items()}
+
+    def put_pairs(j):
+        """The pairs of a chunk ([n, global batch], the same in every process), sharded like the batch."""
+        if mesh is None:
+            return jnp.asarray(j)
+        return jax.make_array_from_callback(j.shape, chunked, lambda index: j[index])
+
     metrics_path = os.path.join(run_dir, METRICS_FILE)
-    with Checkpointer(os.path.join(run_dir, CHECKPOINT_DIR), max_to_keep=config.keep_checkpoints) as ckpt:
+    solver = HostPairs(coupling, threads=solver_threads) if host_solved else None
+    with contextlib.ExitStack() as stack:
+        ckpt = stack.enter_context(
+            Checkpointer(os.path.join(run_dir, CHECKPOINT_DIR), max_to_keep=config.keep_checkpoints)
+        )
+        if solver is not None:
+            stack.callback(solver.close)
         state, resumed, skipped = ckpt.restore_latest_good(initial)
         for bad, reason in skipped:
             say(f"checkpoint {bad} is unreadable ({reason}); set aside as {bad}.corrupt")
@@ -347,49 +516,55 @@ def train(
             say(f"resuming from checkpoint {resumed}")
             if progress is not None:
                 progress(done)
-        start = time.perf_counter()
-        with open(metrics_path if writer else os.devnull, "a") as metrics_log:
-            while done < config.steps:
-                n = _next_chunk(done, config)
-                state, losses, grad_norm, skip_flags = chunk(state, n)
-                losses, skip_flags = np.asarray(losses), np.asarray(skip_flags)
-                bad = first_nonfinite(losses, skip_flags)
-                if bad is not None:  # "stop": this chunk's state is not saved
-                    last = ckpt.latest_step()
-                    raise FloatingPointError(
-                        f"loss became {losses[bad]} at step {done + bad + 1}; training stopped. "
-                        + (
-                            f"the last good checkpoint is step {last}"
-                            if last is not None
-                            else "no checkpoint yet"
-                        )
-                        + " (lower the learning rate, or pass --on-nonfinite skip)"
-                    )
-                applied = skip_flags == 0
-                done += n
-                record = {
-                    "step": done,
-                    "loss": float(losses[applied].mean()) if applied.any() else math.nan,
-                    "grad_norm": float(grad_norm),
-                    "time": round(time.perf_counter() - start, 3),
-                }
-                if skip_flags.any():
-                    first = done - n + int(np.flatnonzero(skip_flags)[0]) + 1
-                    record["skipped"] = int(skip_flags.sum())
-                    say(
-                        f"skipped {record['skipped']} step(s) with a non-finite loss or gradient, "
-                        f"first at step {first}"
-                    )
-                if done % config.log_every == 0 or done == config.steps:
-                    metrics_log.write(json.dumps(record) + "\n")
-                    metrics_log.flush()
-                if done % config.checkpoint_every == 0 or done == config.steps:
-                    ckpt.save(done, state)
-                if progress is not None:
-                    progress(n)
+        metrics_log = stack.enter_context(open(metrics_path if writer else os.devnull, "a"))
+        prefetch = Prefetcher(_chunks(done, config, limit), place)
+        stack.callback(prefetch.close)
+        upcoming = next(prefetch, None)
+        pairs = None
+        if solver is not None and upcoming is not None:
+            (first, n), host = upcoming
+            pairs = put_pairs(solver.solve(prepare(first, host, n)))
+        start, logged = time.perf_counter(), []
+        while upcoming is not None:
+            (first, n), host = upcoming
+            upcoming = next(prefetch, None)
+            ahead = None
+            if solver is not None and upcoming is not None:  # queued before chunk k, so it runs first
+                (next_first, next_n), next_host = upcoming
+                ahead = prepare(next_first, next_host, next_n)
+            state, losses, grad_norm, skip_flags = chunk(state, host, pairs, n)
+            if ahead is not None:  # solved on host threads while the device runs chunk k
+                pairs = put_pairs(solver.solve(ahead))
+            losses, skip_flags, grad_norm = np.asarray(losses), np.asarray(skip_flags), np.asarray(grad_norm)
+            bad = first_nonfinite(losses, skip_flags)
+            if bad is not None:  # "stop": this chunk's state is not saved
+                ckpt.wait()
+                last = ckpt.latest_step()
+                kept = f"the last good checkpoint is step {last}" if last is not None else "no checkpoint yet"
+                raise FloatingPointError(
+                    f"loss became {losses[bad]} at step {done + bad + 1}; training stopped. {kept}"
+                    " (lower the learning rate, or pass --on-nonfinite skip)"
+                )
+            done += n
+            logged.append((losses, skip_flags, grad_norm))
+            if skip_flags.any():
+                say(
+                    f"skipped {int(skip_flags.sum())} step(s) with a non-finite loss or gradient, "
+                    f"first at step {done - n + int(np.flatnonzero(skip_flags)[0]) + 1}"
+                )
+            if done % config.log_every == 0 or done == config.steps:
+                metrics_log.write(json.dumps(_record(done, logged, time.perf_counter() - start)) + "\n")
+                metrics_log.flush()
+                logged = []
+            if done % config.checkpoint_every == 0 or done == config.steps:
+                ckpt.save(done, state, wait=done == config.steps)
+            if progress is not None:
+                progress(n)
+        ckpt.wait()
     if mesh is not None:  # a host copy of the replicated state, for evaluation on one process
         state = jax.tree.map(lambda a: jnp.asarray(a.addressable_data(0)), state)
     run.state = state
+    run.environment = env
     return run
 
 
@@ -425,8 +600,9 @@ def evaluate(
         from fmjax import image_runs
 
         summary = image_runs.evaluate_images(
-            config, run.apply_fn, run.state, os.fspath(run_dir), data_dir=data_dir, plots=plots
-        )
+            config, run.apply_fn, run.state, os.fspath(run_dir), data_dir=data_dir, plots=plots,
+            environment=run.environment,
+        )  # fmt: skip
         with open(os.path.join(os.fspath(run_dir), METRICS_FILE), "a") as f:
             f.write(json.dumps({"event": "eval", **summary}) + "\n")
         return summary
@@ -456,6 +632,7 @@ def evaluate(
         "w2_target_floor": w2_floor,
         "params": "ema" if config.eval_ema else "raw",
         "eval_samples": config.eval_samples,
+        **({"environment": run.environment} if run.environment else {}),
     }
     run_dir = os.fspath(run_dir)
     with open(os.path.join(run_dir, SUMMARY_FILE), "w") as f:

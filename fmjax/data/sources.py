@@ -1,0 +1,126 @@
+"""Data sources of the training loop: what ``fmjax train`` asks for the batches of a step.
+
+A source splits a global batch into the part the host must provide and the part the device draws:
+
+- ``host_batch(step)`` returns this process's rows of the host data of ``step`` as numpy arrays (a dict,
+  possibly empty), a pure function of ``step``, so a resumed run reads exactly what an uninterrupted one
+  read;
+- ``pair(key, host)`` runs on the device (inside the jitted, scanned step) and turns the global host data
+  of one step and a key into the source and target batches ``(x0, x1)``, each of shape
+  [batch_size, *dims].
+
+``ToySource`` draws both batches on the device from the key (no host data); ``ImageSource`` reads the
+images of the step from a tfds data source (the epoch's permutation from (seed, epoch), the step's
+contiguous slice of it) and dequantises them on the device, with Gaussian noise as the source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fmjax._checks import check_int
+from fmjax.data.toy import sample as toy_sample
+
+__all__ = ["ToySource", "ImageSource", "dequantise"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ToySource:
+    """Both batches drawn on the device: ``x0 ~ source``, ``x1 ~ target`` (2D samplers of ``fmjax.data``)."""
+
+    source: str
+    target: str
+    batch_size: int
+
+    def host_batch(self, step: int) -> dict[str, np.ndarray]:
+        """No host data: everything is drawn on the device."""
+        del step
+        return {}
+
+    def host_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """Global shape and dtype of each host array of one step (none here)."""
+        return {}
+
+    def pair(self, key: jax.Array, host: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """``(x0, x1)`` of shape [batch_size, 2] from ``key``."""
+        del host
+        k0, k1 = jax.random.split(key)
+        return toy_sample(self.source, k0, self.batch_size), toy_sample(self.target, k1, self.batch_size)
+
+
+def dequantise(key: jax.Array, images: jax.Array) -> jax.Array:
+    """Uniform dequantisation of uint8 images to [-1, 1): z = 2 (x + u) / 256 - 1 with u ~ U[0, 1)."""
+    u = jax.random.uniform(key, images.shape)
+    return 2.0 * (images.astype(jnp.float32) + u) / 256.0 - 1.0
+
+
+def epoch_order(size: int, seed: int, epoch: int) -> np.ndarray:
+    """The permutation of the records of ``epoch``: a function of (seed, epoch) alone."""
+    return np.random.default_rng([seed, epoch]).permutation(size)
+
+
+class ImageSource:
+    """Images of a tfds data source as the target; N(0, I) noise of the same shape as the source.
+
+    Every epoch is a fresh permutation of the source (``epoch_order``), cut into global batches of
+    ``batch_size`` (an incomplete last one is dropped); step s reads global batch s % steps_per_epoch of
+    epoch s // steps_per_epoch, and process p of P reads its contiguous share of it. Reads go through
+    ``read_batch`` (the data source's batch access).
+    """
+
+    def __init__(
+        self,
+        records: Any,
+        *,
+        batch_size: int,
+        seed: int,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
+        check_int("batch_size", batch_size, low=1)
+        if batch_size % process_count:
+            raise ValueError(f"batch_size {batch_size} must be a multiple of the {process_count} processes")
+        size = len(records)
+        if size < batch_size:
+            raise ValueError(f"batch_size {batch_size} is larger than the dataset ({size} records)")
+        self.records = records
+        self.batch_size = batch_size
+        self.seed = seed
+        self.process_index = process_index
+        self.local_batch = batch_size // process_count
+        self.steps_per_epoch = size // batch_size
+        self.image_shape = tuple(np.asarray(records[0]["image"]).shape)
+        self._order_cache: tuple[int, np.ndarray] | None = None
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            self._order_cache = (epoch, epoch_order(len(self.records), self.seed, epoch))
+        return self._order_cache[1]
+
+    def indices(self, step: int) -> np.ndarray:
+        """Record indices this process reads at ``step`` (shape [batch_size / process_count])."""
+        epoch, batch = divmod(step, self.steps_per_epoch)
+        begin = batch * self.batch_size + self.process_index * self.local_batch
+        return self._order(epoch)[begin : begin + self.local_batch]
+
+    def host_batch(self, step: int) -> dict[str, np.ndarray]:
+        """This process's uint8 images of ``step``, shape [batch_size / process_count, H, W, C]."""
+        from fmjax.data.tfds_sources import read_batch
+
+        images, _ = read_batch(self.records, self.indices(step))
+        return {"image": images}
+
+    def host_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """Global shape and dtype of each host array of one step."""
+        return {"image": ((self.batch_size, *self.image_shape), np.uint8)}
+
+    def pair(self, key: jax.Array, host: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """``(noise, dequantised images)``, each [batch_size, H, W, C] float32."""
+        k_noise, k_deq = jax.random.split(key)
+        x1 = dequantise(k_deq, host["image"])
+        return jax.random.normal(k_noise, x1.shape), x1

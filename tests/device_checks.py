@@ -1,0 +1,64 @@
+"""Run with N simulated host devices (argv[1]; set by tests/test_devices.py in a subprocess); prints one JSON object.
+
+Trains through ``fmjax.runs.train`` on every device (the default), on one device, and with the exact coupling
+solved inside the step, and reports their losses, the device count each used and how often the host solver ran.
+"""
+
+import os
+import sys
+
+DEVICES = int(sys.argv[1])
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES}"
+
+import json  # noqa: E402
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fmjax.couplings import Exact  # noqa: E402
+from fmjax.runs import RunConfig, train  # noqa: E402
+
+solves = {"count": 0}
+solve_host = Exact.solve_host
+
+
+def counted(inputs):
+    solves["count"] += 1
+    return solve_host(inputs)
+
+
+Exact.solve_host = staticmethod(counted)
+
+
+def losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [r["loss"] for r in map(json.loads, f) if "event" not in r]
+
+
+def trained(config, **options):
+    solves["count"] = 0
+    with tempfile.TemporaryDirectory() as run_dir:
+        run = train(config, run_dir, data_dir=os.environ.get("FMJAX_DATA_DIR"), **options)
+        with open(os.path.join(run_dir, "config.json")) as f:
+            recorded = json.load(f)["environment"]
+        return {
+            "losses": losses(run_dir),
+            "devices": run.environment["devices"],
+            "recorded_devices": recorded["devices"],
+            "solves": solves["count"],
+            "params": [np.asarray(leaf).tolist() for leaf in jax.tree.leaves(run.state.params)][:1],
+        }
+
+
+toy = dict(steps=120, batch_size=64, width=16, log_every=20, checkpoint_every=60, eval_samples=100)
+results = {"devices": jax.device_count()}
+for coupling in ("independent", "exact"):
+    config = RunConfig(coupling=coupling, **toy)
+    results[coupling] = {"all": trained(config), "one": trained(config, devices=1)}
+results["exact"]["in_step"] = trained(RunConfig(coupling="exact", **toy), pipeline=False)
+images = RunConfig(
+    dataset="digits", steps=30, batch_size=32, width=8, log_every=10, checkpoint_every=30, eval_samples=16
+)
+results["digits"] = {"all": trained(images), "one": trained(images, devices=1)}
+print(json.dumps(results))

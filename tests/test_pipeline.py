@@ -1,0 +1,115 @@
+"""The training loop's host work: pipelined exact pairs, prefetched chunks, exact resume with both."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fmjax._pipeline import HostPairs, Prefetcher
+from fmjax.couplings import exact
+from fmjax.data import sample as toy
+from fmjax.runs import RunConfig, _chunks, load_run, train
+
+
+@pytest.mark.parametrize("shape", [(48, 2), (40, 6, 6, 1)], ids=["points", "cost-matrix"])
+def test_pipelined_pairs_equal_the_in_step_solve_exactly(shape):
+    coupling = exact()
+    steps = 5
+    keys = jax.random.split(jax.random.key(0), 2 * steps)
+    x0 = jnp.stack([jax.random.normal(k, shape) for k in keys[:steps]])
+    x1 = jnp.stack([2.0 + jax.random.normal(k, shape) ** 3 for k in keys[steps:]])
+    solver = HostPairs(coupling, threads=2)
+    try:
+        pipelined = solver.solve(jax.jit(jax.vmap(coupling.host_inputs))(x0, x1))
+    finally:
+        solver.close()
+    in_step = jax.jit(coupling)
+    assert pipelined.shape == (steps, shape[0]) and pipelined.dtype == np.int32
+    for k in range(steps):
+        i, j = in_step(None, x0[k], x1[k])
+        np.testing.assert_array_equal(np.asarray(i), np.arange(shape[0]))
+        np.testing.assert_array_equal(pipelined[k], np.asarray(j))
+        assert sorted(pipelined[k].tolist()) == list(range(shape[0]))  # a permutation
+
+
+def test_exact_host_inputs_use_full_float32_products():
+    # 3072 dims: the cost matrix is built on the device; at HIGHEST precision it matches float64 to float32 rounding
+    x0 = jax.random.normal(jax.random.key(1), (16, 3072))
+    x1 = jax.random.normal(jax.random.key(2), (16, 3072))
+    (cost,) = exact().host_inputs(x0, x1)
+    a, b = np.asarray(x0, np.float64), np.asarray(x1, np.float64)
+    expected = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+    np.testing.assert_allclose(np.asarray(cost), expected, rtol=1e-5)
+
+
+def test_prefetcher_keeps_order_and_raises_the_producers_error():
+    made = list(Prefetcher(iter(range(10)), lambda k: k * k, depth=2))
+    assert made == [(k, k * k) for k in range(10)]
+
+    def fail(k):
+        if k == 3:
+            raise ValueError("record 3 is unreadable")
+        return k
+
+    stream = Prefetcher(iter(range(10)), fail)
+    assert [next(stream)[1] for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(ValueError, match="record 3 is unreadable"):
+        next(stream)
+
+
+def test_chunks_depend_on_the_step_alone():
+    config = RunConfig(steps=250, log_every=100, checkpoint_every=200)
+    whole = list(_chunks(0, config, limit=30))
+    assert sum(n for _, n in whole) == 250
+    boundaries = {first + n for first, n in whole}
+    assert {100, 200, 250} <= boundaries and all(n <= 30 for _, n in whole)
+    # a run resumed at a chunk boundary cuts the rest as the uninterrupted run did
+    assert list(_chunks(200, config, limit=30)) == [c for c in whole if c[0] >= 200]
+
+
+def test_resume_is_bitwise_with_pipelined_pairs_and_async_checkpoints(tmp_path):
+    config = RunConfig(
+        coupling="exact", steps=300, batch_size=64, width=16, log_every=50, checkpoint_every=100, keep_checkpoints=5
+    )
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train(config, whole)
+    train(config, cut)
+    for step in ("300", "200"):  # as if killed after step 100's checkpoint was committed
+        shutil.rmtree(cut / "checkpoints" / step)
+    train(config, cut)
+    a, b = load_run(whole), load_run(cut)
+    for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state), strict=True):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    def losses(run):
+        return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+    assert losses(whole) == losses(cut) and len(losses(whole)) == 6
+
+
+def test_pipeline_benchmark_runs():
+    from benchmarks import pipeline
+
+    report = pipeline.main(
+        ["--batches", "32", "--steps", "40", "--log-every", "10", "--width", "16", "--depth", "2",
+         "--xla-cores", "0", "--repeats", "1", "--cost-sizes", "32"]
+    )  # fmt: skip
+    rows = [line for line in report.splitlines() if line.startswith("| 32 |")]
+    assert len(rows) == 4
+    assert all(float(cell) > 0 for row in rows for cell in row.strip("| ").split(" | ")[2:])
+
+
+def test_toy_source_matches_the_samplers():
+    from fmjax.data.sources import ToySource
+
+    source = ToySource(source="gaussian", target="moons", batch_size=8)
+    key = jax.random.key(5)
+    x0, x1 = source.pair(key, {})
+    k0, k1 = jax.random.split(key)
+    np.testing.assert_array_equal(x0, toy("gaussian", k0, 8))
+    np.testing.assert_array_equal(x1, toy("moons", k1, 8))
