@@ -1,25 +1,41 @@
 """Checkpoints of a ``TrainState`` (or any pytree of arrays) with orbax's CheckpointManager.
 
+A save copies the state to host memory before it returns; with ``wait=False`` the write to disk goes on
+in the background while training continues, and the next ``save``, ``wait()`` or ``close()`` reports its
+outcome. Only committed checkpoints are listed, and nothing already committed is renamed, moved or
+deleted by a failed write.
+
 >>> import tempfile, jax.numpy as jnp
 >>> from fmjax.checkpoint import Checkpointer
 >>> with Checkpointer(tempfile.mkdtemp()) as ckpt:
-...     _ = ckpt.save(3, {"w": jnp.ones(2)})
+...     _ = ckpt.save(3, {"w": jnp.ones(2)}, wait=False)  # returns once the arrays are on the host
+...     ckpt.wait()  # step 3 is committed on disk
 ...     ckpt.latest_step(), ckpt.restore({"w": jnp.zeros(2)})["w"].tolist()
 (3, [1.0, 1.0])
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
+from orbax.checkpoint.checkpoint_manager import DEFAULT_ITEM_NAME
 
 from fmjax._checks import check_int
 
 __all__ = ["Checkpointer"]
+
+# orbax writes this file into a step folder just before renaming it into place: a folder of the failed
+# step that has it was written completely
+_COMMIT_MARKER = "commit_success.txt"
 
 
 def _is_key(x: Any) -> bool:
@@ -39,12 +55,29 @@ def _from_storable(tree: Any, target: Any) -> Any:
     )
 
 
+def _reason(error: BaseException, limit: int) -> str:
+    """The first line of an error's message (orbax and tensorstore errors run to many lines)."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return text[:limit]
+
+
+def _from_process_0(decision: dict | None) -> dict:
+    """Process 0's ``decision`` (JSON-able) on every process; two broadcasts, the length then the bytes."""
+    data = np.frombuffer(json.dumps(decision).encode(), np.uint8).astype(np.int32) if decision else None
+    length = int(multihost_utils.broadcast_one_to_all(np.int32(0 if data is None else data.size)))
+    data = multihost_utils.broadcast_one_to_all(np.zeros(length, np.int32) if data is None else data)
+    return json.loads(np.asarray(data, np.uint8).tobytes())
+
+
 class Checkpointer:
     """Save and restore numbered checkpoints of a pytree under ``directory``.
 
+    Every method is called by all processes of a multi-process run alike; orbax writes each array once.
+
     Args:
       directory: where the step folders go; created if missing.
-      max_to_keep: how many of the newest checkpoints to keep (None keeps all).
+      max_to_keep: how many of the newest checkpoints to keep (None keeps all). The older ones are
+        deleted only after a newer one has been committed.
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3):
@@ -55,42 +88,106 @@ class Checkpointer:
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
         )
+        self._pending: int | None = None  # the step being written in the background
 
     def save(self, step: int, state: Any, *, wait: bool = True) -> bool:
-        """Write ``state`` as checkpoint ``step``; returns whether it was saved."""
+        """Write ``state`` as checkpoint ``step``; returns whether a save was started (always True).
+
+        Guarantees:
+          - When it returns, the arrays of ``state`` have been copied to host memory (orbax transfers
+            them before it hands the write to its background thread): the caller may donate, delete or
+            overwrite their device buffers at once, and the checkpoint holds the values at the call.
+            (On CPU the host copy is a view of the buffer; until the write is done, a step that donates
+            it gets a copy instead, as XLA does for any buffer with an outside reference.)
+          - ``wait=True``: the checkpoint is committed on disk when it returns. ``wait=False``: it is
+            written in the background; ``wait()``, the next ``save`` or ``close()`` blocks until it is
+            committed. Until then ``all_steps()`` does not list it.
+          - A pending background save is finished first; if it failed, this raises its OSError and
+            ``state`` is not saved.
+          - A failed write raises one ``OSError("could not write checkpoint N in DIR (reason); the
+            checkpoints already written are intact: [...]")``. Committed checkpoints are never
+            renamed, moved or deleted by it; the temporary folder of step N is removed, and a step
+            folder N renamed into place but never completed is kept as ``N.corrupt``.
+
+        Raises:
+          ValueError: ``step`` is negative, or already a committed checkpoint (never overwritten).
+          OSError: this write, or the pending one, failed.
+        """
         check_int("step", step, low=0)
+        self.wait()
+        if step in self.all_steps():
+            raise ValueError(
+                f"step must not be one of the saved steps {self.all_steps()} (a checkpoint is never "
+                f"overwritten); got {step}"
+            )
         try:
             saved = self._manager.save(step, args=ocp.args.StandardSave(_to_storable(state)), force=True)
-            if wait:
-                self._manager.wait_until_finished()
         except Exception as error:  # a full disk, a quota, a vanished directory: tensorstore and orbax errors
-            self._discard_partial(step)
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise OSError(
-                f"could not write checkpoint {step} in {self.directory} ({reason[:300]}); "
-                f"the checkpoints already written are intact: {self.all_steps() or 'none'}",
-            ) from error
+            self._failed(step, error)
+        self._pending = step if saved else None
+        if wait:
+            self.wait()
         return saved
 
+    def wait(self) -> None:
+        """Block until the pending background save, if any, is committed on disk.
+
+        Raises the OSError of ``save`` (see there) if that write failed; afterwards nothing is pending
+        and the checkpoints already written are intact.
+        """
+        if self._pending is None:
+            return
+        step, self._pending = self._pending, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:  # the background write's error, re-raised by orbax
+            self._failed(step, error)
+
+    def _failed(self, step: int, error: Exception) -> NoReturn:
+        with contextlib.suppress(Exception):  # no background write may still use the folders cleaned below
+            self._manager.wait_until_finished()
+        self._discard_partial(step)
+        raise OSError(
+            f"could not write checkpoint {step} in {self.directory} ({_reason(error, 300)}); "
+            f"the checkpoints already written are intact: {self.all_steps() or 'none'}",
+        ) from error
+
     def _discard_partial(self, step: int) -> None:
-        """Remove orbax's temporary folder of a failed save; set aside a half-committed step folder."""
-        for name in os.listdir(self.directory):
-            if name.startswith(f"{step}.orbax-checkpoint-tmp"):
-                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        """Remove orbax's temporary folder of the failed ``step``; set aside a step folder of it that was
+        renamed into place but not completed. Process 0 alone changes the directory."""
+        if jax.process_index() == 0:
+            for name in os.listdir(self.directory):
+                if name.startswith(f"{step}.orbax-checkpoint-tmp"):
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+            final = os.path.join(self.directory, str(step))
+            if os.path.isdir(final) and not os.path.exists(os.path.join(final, _COMMIT_MARKER)):
+                self._set_aside(step)
         self._manager.reload()
-        if os.path.isdir(os.path.join(self.directory, str(step))):  # renamed, but its commit failed
-            self._set_aside(step)
 
     def all_steps(self) -> list[int]:
-        """Steps of the checkpoints on disk, oldest first."""
-        return sorted(self._manager.all_steps())
+        """Steps of the committed checkpoints, oldest first.
+
+        A save still written in the background is listed once ``wait()`` or the next ``save`` has
+        confirmed it; while it is pending, the checkpoints it will retire (``max_to_keep``) are not
+        listed either, though still on disk until it commits.
+        """
+        return sorted(s for s in self._manager.all_steps() if s != self._pending)
 
     def latest_step(self) -> int | None:
-        """The newest checkpoint's step, or None when there is none."""
-        return self._manager.latest_step()
+        """The newest committed checkpoint's step (see ``all_steps``), or None when there is none."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
     def restore(self, target: Any, step: int | None = None) -> Any:
-        """Read checkpoint ``step`` (default: latest) into the structure, shapes and dtypes of ``target``."""
+        """Read checkpoint ``step`` (default: latest) into the structure, shapes, dtypes and shardings of
+        ``target``; bitwise the saved values when the dtypes match. Finishes a pending save first (its
+        failure raises OSError here).
+
+        Raises:
+          FileNotFoundError: there is no checkpoint (and ``step`` is None).
+          ValueError: ``step`` is not a committed checkpoint, or ``target`` does not fit it.
+        """
+        self.wait()
         if step is None:
             step = self.latest_step()
             if step is None:
@@ -105,19 +202,101 @@ class Checkpointer:
         """Restore the newest checkpoint that reads back; set aside the ones that do not.
 
         Returns ``(state, step, skipped)``: ``state`` is ``target`` and ``step`` None when no
-        checkpoint reads back; ``skipped`` lists (step, reason) for every unreadable checkpoint,
-        each renamed to ``<step>.corrupt`` (kept, never deleted) so that training can write that
+        checkpoint reads back; ``skipped`` lists (step, reason) for every unreadable checkpoint, newest
+        first, each renamed to ``<step>.corrupt`` (kept, never deleted) so that training can write that
         step again.
+
+        Guarantees:
+          - Only a checkpoint whose read fails is set aside: the one restored and all older ones are
+            left as they are. A read that fails because ``target``'s structure or shapes differ from a
+            checkpoint's raises ValueError instead, and nothing is renamed.
+          - With several processes, process 0 alone tries the candidates and renames; the others wait
+            for its choice (a broadcast, sent after its renames), then read that step, and every process
+            returns the same ``step`` and ``skipped``. If the chosen step does not read back on some
+            process, all raise OSError. One process uses no collectives.
         """
+        self.wait()
+        if jax.process_count() == 1:
+            return self._first_readable(target)
+        decision = None
+        if jax.process_index() == 0:
+            try:
+                state, step, skipped = self._first_readable(target)
+                decision = {"step": step, "skipped": skipped}
+            except Exception as error:  # broadcast it: the other processes wait for a decision
+                decision = {"error": str(error), "value_error": isinstance(error, ValueError)}
+                failure = error
+        # process 0 sends its decision after its renames, so the others see the directory it left
+        decision = _from_process_0(decision)
+        if "error" in decision:
+            if jax.process_index() == 0:
+                raise failure
+            raise (ValueError if decision["value_error"] else OSError)(decision["error"])
+        self._manager.reload()  # process 0's renames
+        step, skipped = decision["step"], [tuple(s) for s in decision["skipped"]]
+        if step is None:
+            return target, None, skipped
+        failure = None
+        if jax.process_index() != 0:
+            try:
+                state = self._read_alone(target, step)
+            except Exception as error:  # this process's shards of it are damaged
+                failure = error
+        read_back = np.asarray(multihost_utils.process_allgather(np.int32(failure is None)))
+        if not read_back.all():
+            reason = f" ({_reason(failure, 200)})" if failure else ""
+            raise OSError(
+                f"checkpoint {step} in {self.directory}, chosen by process 0, does not read back on "
+                f"process(es) {np.flatnonzero(read_back == 0).tolist()}{reason}"
+            ) from failure
+        return state, step, skipped
+
+    def _first_readable(self, target: Any) -> tuple[Any, int | None, list[tuple[int, str]]]:
+        """Process 0's decision: ``(state, step, skipped)`` of the newest step that reads into ``target``
+        (``target`` and None if none does); each newer one that fails to read is set aside."""
         skipped = []
         for step in reversed(self.all_steps()):
             try:
-                return self.restore(target, step), step, skipped
+                return self._read_alone(target, step), step, skipped
             except Exception as error:  # any failure to read: truncated, partial or garbled files
-                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-                skipped.append((step, reason[:200]))
+                self._check_fits(step, target)
+                skipped.append((step, _reason(error, 200)))
                 self._set_aside(step)
         return target, None, skipped
+
+    def _read_alone(self, target: Any, step: int) -> Any:
+        """Read step ``step`` into ``target`` as ``restore`` does, by this process alone: orbax's handler,
+        without the barrier its checkpointers add (the other processes may be waiting elsewhere)."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_storable(target))
+        handler = ocp.StandardCheckpointHandler()
+        try:
+            restored = handler.restore(self._item_path(step), args=ocp.args.StandardRestore(abstract))
+        finally:
+            handler.close()
+        return _from_storable(restored, target)
+
+    def _item_path(self, step: int) -> epath.Path:
+        return epath.Path(self.directory) / str(step) / DEFAULT_ITEM_NAME
+
+    def _check_fits(self, step: int, target: Any) -> None:
+        """Raise ValueError if step ``step``'s stored tree is readable and differs from ``target`` in
+        structure or shapes: then ``target``, not the checkpoint, is at fault."""
+        handler = ocp.PyTreeCheckpointHandler()
+        try:
+            stored = ocp.tree.to_flat_dict(handler.metadata(self._item_path(step)).tree)
+        except Exception:  # unreadable metadata: the checkpoint is at fault
+            return
+        finally:
+            handler.close()
+        wanted = ocp.tree.to_flat_dict(_to_storable(target))
+        for key in sorted(stored.keys() | wanted.keys()):
+            have = tuple(stored[key].shape) if hasattr(stored.get(key), "shape") else "missing"
+            want = np.shape(wanted[key]) if key in wanted else "missing"
+            if have != want:
+                raise ValueError(
+                    f"target must have the structure and shapes of checkpoint {step} in {self.directory}: "
+                    f"{'/'.join(key)} is {want} in target, {have} in the checkpoint; nothing was set aside"
+                )
 
     def _set_aside(self, step: int) -> None:
         source = os.path.join(self.directory, str(step))
@@ -130,9 +309,11 @@ class Checkpointer:
         self._manager.reload()
 
     def close(self) -> None:
-        """Wait for pending writes and release the manager."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Wait for the pending save (its failure raises OSError, see ``save``) and release the manager."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self
