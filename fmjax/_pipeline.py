@@ -98,9 +98,7 @@ class HostPairs:
         n = arrays[0].shape[0]
         processes, rank = jax.process_count(), jax.process_index()
         mine = range(rank, n, processes)
-        futures = [
-            self._pool.submit(self.coupling.solve_host, tuple(a[k] for a in arrays)) for k in mine
-        ]
+        futures = [self._pool.submit(self.coupling.solve_host, tuple(a[k] for a in arrays)) for k in mine]
         solved = [f.result() for f in futures]
         if processes == 1:
             return np.stack(solved)

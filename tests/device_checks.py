@@ -1,14 +1,14 @@
-"""Run with N simulated host devices (argv[1]; set by tests/test_devices.py in a subprocess); prints one JSON object.
+"""Run with N simulated host devices (argv[1], from tests/test_devices.py, in a subprocess); prints JSON.
 
 Trains through ``fmjax.runs.train`` on every device (the default), on one device, and with the exact coupling
-solved inside the step, and reports their losses, the device count each used and how often the host solver ran.
+solved inside the step; reports their losses, the device count each used and how often the host solver ran.
 """
 
 import os
 import sys
 
-DEVICES = int(sys.argv[1])
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES}"
+if __name__ == "__main__":  # pytest's doctest collection imports this file too: leave its devices alone
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={int(sys.argv[1])}"
 
 import json  # noqa: E402
 import tempfile  # noqa: E402
@@ -26,9 +26,6 @@ solve_host = Exact.solve_host
 def counted(inputs):
     solves["count"] += 1
     return solve_host(inputs)
-
-
-Exact.solve_host = staticmethod(counted)
 
 
 def losses(run_dir):
@@ -51,14 +48,20 @@ def trained(config, **options):
         }
 
 
-toy = dict(steps=120, batch_size=64, width=16, log_every=20, checkpoint_every=60, eval_samples=100)
-results = {"devices": jax.device_count()}
-for coupling in ("independent", "exact"):
-    config = RunConfig(coupling=coupling, **toy)
-    results[coupling] = {"all": trained(config), "one": trained(config, devices=1)}
-results["exact"]["in_step"] = trained(RunConfig(coupling="exact", **toy), pipeline=False)
-images = RunConfig(
-    dataset="digits", steps=30, batch_size=32, width=8, log_every=10, checkpoint_every=30, eval_samples=16
-)
-results["digits"] = {"all": trained(images), "one": trained(images, devices=1)}
-print(json.dumps(results))
+def main():
+    Exact.solve_host = staticmethod(counted)
+    toy = dict(steps=120, batch_size=64, width=16, log_every=20, checkpoint_every=60, eval_samples=100)
+    results = {"devices": jax.device_count()}
+    for coupling in ("independent", "exact"):
+        config = RunConfig(coupling=coupling, **toy)
+        results[coupling] = {"all": trained(config), "one": trained(config, devices=1)}
+    results["exact"]["in_step"] = trained(RunConfig(coupling="exact", **toy), pipeline=False)
+    images = RunConfig(
+        dataset="digits", steps=30, batch_size=32, width=8, log_every=10, checkpoint_every=30, eval_samples=16
+    )
+    results["digits"] = {"all": trained(images), "one": trained(images, devices=1)}
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from fmjax.cli import main
@@ -195,3 +196,49 @@ def test_coupling_scope_reaches_the_coupling():
     assert RunConfig(coupling="sb", coupling_scope="local").make_coupling().scope == "local"
     # independent pairs are the same in either scope: never gathered
     assert RunConfig(coupling="independent").make_coupling().scope == "local"
+
+
+def test_bf16_precision_trains_like_float32_with_float32_state(tmp_path):
+    from fmjax.runs import load_run
+
+    losses = {}
+    for precision in ("float32", "bf16"):
+        out = tmp_path / precision
+        assert main(["train", "--out", str(out), *SMALL, "--no-plots", "--precision", precision]) == 0
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[precision] = [r["loss"] for r in records if "event" not in r]
+        assert json.loads((out / "config.json").read_text())["precision"] == precision
+    run = load_run(tmp_path / "bf16")
+    assert {leaf.dtype.name for leaf in jax.tree.leaves(run.state.params)} == {"float32"}
+    # bf16 rounds activations to 8 significant bits: the logged losses stay within 1% of float32's
+    for a, b in zip(losses["bf16"], losses["float32"], strict=True):
+        assert abs(a - b) < 0.01 * b
+
+
+def test_summary_and_config_record_the_devices(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *SMALL, "--no-plots"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    for record in (config["environment"], summary["environment"]):
+        assert (
+            record["devices"] == jax.device_count() and record["device_kind"] == jax.devices()[0].device_kind
+        )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--devices", "0"], "devices must be >= 1; got 0"),
+        (["--devices", "999"], "devices must be at most the"),
+        (["--distributed", "slurm"], "--distributed must be 'auto'; got 'slurm'"),
+        (["--distributed", "auto", "--process-id", "0"], "--distributed auto detects the cluster"),
+        (["--precision", "fp8"], "precision must be one of 'bf16', 'float32'; got 'fp8'"),
+    ],
+)
+def test_device_options_are_checked_before_anything_is_written(tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *SMALL, *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()

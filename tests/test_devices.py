@@ -1,5 +1,6 @@
-"""fmjax train on 4 and 8 simulated host devices: it uses them all, trains what one device trains, and solves the
-exact coupling of each global batch once on the host (tests/device_checks.py, in a subprocess per device count)."""
+"""fmjax train on 4 and 8 simulated host devices: it uses them all, trains what one device trains, and
+solves the exact coupling of each global batch once on the host (tests/device_checks.py, a subprocess per
+device count)."""
 
 import json
 import os
@@ -55,5 +56,8 @@ def test_pipelined_pairs_train_what_the_in_step_solve_trains(results):
     _, r = results
     # the in-step solve (every device solves the gathered batch) and the pipelined host solve pair the same
     # points, so the losses agree to float32 reduction order
-    np.testing.assert_allclose(r["exact"]["all"]["losses"], r["exact"]["in_step"]["losses"], rtol=0, atol=1e-5)
-    assert r["exact"]["in_step"]["solves"] == 120 * r["devices"]  # one per device and step: what the pipeline avoids
+    np.testing.assert_allclose(
+        r["exact"]["all"]["losses"], r["exact"]["in_step"]["losses"], rtol=0, atol=1e-5
+    )
+    # one solve per device and step: what the pipeline avoids
+    assert r["exact"]["in_step"]["solves"] == 120 * r["devices"]

@@ -36,7 +36,7 @@ def test_pipelined_pairs_equal_the_in_step_solve_exactly(shape):
 
 
 def test_exact_host_inputs_use_full_float32_products():
-    # 3072 dims: the cost matrix is built on the device; at HIGHEST precision it matches float64 to float32 rounding
+    # 3072 dims: the device builds the cost matrix; at HIGHEST precision it is float64's to float32 rounding
     x0 = jax.random.normal(jax.random.key(1), (16, 3072))
     x1 = jax.random.normal(jax.random.key(2), (16, 3072))
     (cost,) = exact().host_inputs(x0, x1)
@@ -72,7 +72,13 @@ def test_chunks_depend_on_the_step_alone():
 
 def test_resume_is_bitwise_with_pipelined_pairs_and_async_checkpoints(tmp_path):
     config = RunConfig(
-        coupling="exact", steps=300, batch_size=64, width=16, log_every=50, checkpoint_every=100, keep_checkpoints=5
+        coupling="exact",
+        steps=300,
+        batch_size=64,
+        width=16,
+        log_every=50,
+        checkpoint_every=100,
+        keep_checkpoints=5,
     )
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     train(config, whole)
