@@ -347,8 +347,9 @@ def _steps_per_dispatch(config: RunConfig, source, coupling) -> int:
     per_step = sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in spec)
     if coupling is not None:
         inputs = jax.eval_shape(
-            lambda key: coupling.host_inputs(*source.pair(key, _abstract_host(source))),
+            lambda key, host: coupling.host_inputs(*source.pair(key, host)),
             jax.random.PRNGKey(0),
+            _abstract_host(source),
         )
         per_step += sum(math.prod(a.shape) * a.dtype.itemsize for a in inputs)
     return max(1, min(config.log_every, CHUNK_INPUT_BYTES // max(per_step, 1)))

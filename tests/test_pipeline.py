@@ -119,3 +119,20 @@ def test_toy_source_matches_the_samplers():
     k0, k1 = jax.random.split(key)
     np.testing.assert_array_equal(x0, toy("gaussian", k0, 8))
     np.testing.assert_array_equal(x1, toy("moons", k1, 8))
+
+
+def test_image_run_with_pipelined_exact_pairs_trains_what_the_in_step_solve_trains(tmp_path, monkeypatch):
+    # 64 dims per image: the device builds the cost matrices the host solves (the cost-matrix path)
+    monkeypatch.setenv("FMJAX_DATA_DIR", str(tmp_path / "tfds"))
+    config = RunConfig(
+        dataset="digits", coupling="exact", steps=12, batch_size=16, width=8, log_every=4, checkpoint_every=12
+    )
+    losses = {}
+    for pipeline in (True, False):
+        out = tmp_path / str(pipeline)
+        train(config, out, pipeline=pipeline)
+        losses[pipeline] = [
+            r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        ]
+    assert len(losses[True]) == 3
+    np.testing.assert_allclose(losses[True], losses[False], rtol=0, atol=1e-5)
