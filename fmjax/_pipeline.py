@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -43,13 +44,16 @@ class Prefetcher:
     def __init__(self, items: Iterator[Any], make: Callable[[Any], Any], *, depth: int = 2):
         self._ready: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
+        self.busy_seconds = 0.0  # time spent in ``make`` so far (host input work)
         self._thread = threading.Thread(target=self._fill, args=(items, make), daemon=True)
         self._thread.start()
 
     def _fill(self, items, make):
         try:
             for item in items:
+                start = time.perf_counter()
                 result = (item, make(item))
+                self.busy_seconds += time.perf_counter() - start
                 while not self._stop.is_set():
                     try:
                         self._ready.put(result, timeout=0.1)
@@ -91,9 +95,17 @@ class HostPairs:
     def __init__(self, coupling: Any, *, threads: int | None = None):
         self.coupling = coupling
         self.threads = threads or default_solver_threads()
+        self.busy_seconds = 0.0  # wall time spent in ``solve`` so far (inputs' copy to the host included)
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="fmjax-coupling")
 
     def solve(self, inputs: tuple) -> np.ndarray:
+        start = time.perf_counter()
+        try:
+            return self._solve(inputs)
+        finally:
+            self.busy_seconds += time.perf_counter() - start
+
+    def _solve(self, inputs: tuple) -> np.ndarray:
         arrays = tuple(_to_host(a) for a in inputs)
         n = arrays[0].shape[0]
         processes, rank = jax.process_count(), jax.process_index()

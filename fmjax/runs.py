@@ -18,6 +18,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -340,6 +341,9 @@ def _source(config: RunConfig, data_dir: str | None):
 # Upper bound on the device memory one dispatch's inputs (host data and host-solved pairs' inputs) take:
 # the chunk of steps per dispatch is cut shorter where a step's inputs are large (images, cost matrices).
 CHUNK_INPUT_BYTES = 64 * 2**20
+# Threads reading the steps of a chunk from the data source (array_record reads and image decoding release
+# the GIL for most of their time).
+INPUT_THREADS = 4
 
 
 def _steps_per_dispatch(config: RunConfig, source, coupling) -> int:
@@ -487,7 +491,7 @@ def train(
     def place(item):
         """The host data of a chunk, stacked [n, local batch, ...] and placed with the batch sharding."""
         first, n = item
-        host = [source.host_batch(s) for s in range(first, first + n)]
+        host = list(readers.map(source.host_batch, range(first, first + n)))
         stacked = {name: np.stack([h[name] for h in host]) for name in source.host_spec()}
         if mesh is None:
             return jax.device_put(stacked)
@@ -518,6 +522,7 @@ def train(
             if progress is not None:
                 progress(done)
         metrics_log = stack.enter_context(open(metrics_path if writer else os.devnull, "a"))
+        readers = stack.enter_context(ThreadPoolExecutor(INPUT_THREADS, thread_name_prefix="fmjax-input"))
         prefetch = Prefetcher(_chunks(done, config, limit), place)
         stack.callback(prefetch.close)
         upcoming = next(prefetch, None)
@@ -525,7 +530,7 @@ def train(
         if solver is not None and upcoming is not None:
             (first, n), host = upcoming
             pairs = put_pairs(solver.solve(prepare(first, host, n)))
-        start, logged = time.perf_counter(), []
+        start, logged, host_busy = time.perf_counter(), [], (0.0, 0.0)
         while upcoming is not None:
             (first, n), host = upcoming
             upcoming = next(prefetch, None)
@@ -554,7 +559,14 @@ def train(
                     f"first at step {done - n + int(np.flatnonzero(skip_flags)[0]) + 1}"
                 )
             if done % config.log_every == 0 or done == config.steps:
-                metrics_log.write(json.dumps(_record(done, logged, time.perf_counter() - start)) + "\n")
+                record = _record(done, logged, time.perf_counter() - start)
+                # host work since the last record (the input thread runs up to two chunks ahead)
+                busy = (prefetch.busy_seconds, solver.busy_seconds if solver is not None else 0.0)
+                record["host_input_s"] = round(busy[0] - host_busy[0], 4)
+                if solver is not None:
+                    record["host_solve_s"] = round(busy[1] - host_busy[1], 4)
+                host_busy = busy
+                metrics_log.write(json.dumps(record) + "\n")
                 metrics_log.flush()
                 logged = []
             if done % config.checkpoint_every == 0 or done == config.steps:
