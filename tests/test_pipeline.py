@@ -104,10 +104,32 @@ def test_pipeline_benchmark_runs():
     report = pipeline.main(
         ["--batches", "32", "--steps", "40", "--log-every", "10", "--width", "16", "--depth", "2",
          "--xla-cores", "0", "--repeats", "1", "--cost-sizes", "32"]
+        + ["--image-batches", "16", "--image-steps", "6", "--image-width", "8"]
     )  # fmt: skip
     rows = [line for line in report.splitlines() if line.startswith("| 32 |")]
     assert len(rows) == 4
     assert all(float(cell) > 0 for row in rows for cell in row.strip("| ").split(" | ")[2:])
+    image_rows = [line.strip("| ").split(" | ") for line in report.splitlines() if line.startswith("| 16 |")]
+    assert [cells[1] for cells in image_rows] == ["cached", "read per step"]
+    for cells in image_rows:
+        assert float(cells[2]) > 0 and float(cells[4]) > 0 and cells[5].endswith("%")
+
+
+def test_cached_images_equal_the_records_read_per_step(tmp_path):
+    from fmjax.data.sources import ImageSource
+    from fmjax.data.tfds_sources import data_source
+
+    records = data_source("digits", split="train", data_dir=str(tmp_path))
+    for process in range(
+        2
+    ):  # two processes' shares, across an epoch boundary (1437 // 200 = 7 steps an epoch)
+        options = dict(batch_size=200, seed=3, process_index=process, process_count=2)
+        cached = ImageSource(records, **options)
+        read = ImageSource(records, cache_bytes=0, **options)
+        assert cached._images is not None and read._images is None
+        for step in range(12):
+            np.testing.assert_array_equal(cached.host_batch(step)["image"], read.host_batch(step)["image"])
+            assert cached.host_batch(step)["image"].shape == (100, 8, 8, 1)
 
 
 def test_toy_source_matches_the_samplers():

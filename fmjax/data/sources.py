@@ -70,7 +70,9 @@ class ImageSource:
     Every epoch is a fresh permutation of the source (``epoch_order``), cut into global batches of
     ``batch_size`` (an incomplete last one is dropped); step s reads global batch s % steps_per_epoch of
     epoch s // steps_per_epoch, and process p of P reads its contiguous share of it. Reads go through
-    ``read_batch`` (the data source's batch access).
+    ``read_batch`` (the data source's batch access). A dataset whose images take at most ``cache_bytes``
+    (digits, MNIST, CIFAR-10 under the default 1 GiB) is read once, in batches, into one uint8 array, and a
+    step's images are then a gather from it (microseconds instead of a read and decode per record).
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class ImageSource:
         seed: int,
         process_index: int = 0,
         process_count: int = 1,
+        cache_bytes: int = 2**30,
     ):
         check_int("batch_size", batch_size, low=1)
         if batch_size % process_count:
@@ -94,8 +97,19 @@ class ImageSource:
         self.process_index = process_index
         self.local_batch = batch_size // process_count
         self.steps_per_epoch = size // batch_size
-        self.image_shape = tuple(np.asarray(records[0]["image"]).shape)
+        first = np.asarray(records[0]["image"])
+        self.image_shape = tuple(first.shape)
         self._order_cache: tuple[int, np.ndarray] | None = None
+        self._images = None
+        if size * first.nbytes <= cache_bytes:
+            self._images = self._read_all(size)
+
+    def _read_all(self, size: int, chunk: int = 4096) -> np.ndarray:
+        from fmjax.data.tfds_sources import read_batch
+
+        return np.concatenate(
+            [read_batch(self.records, np.arange(k, min(k + chunk, size)))[0] for k in range(0, size, chunk)]
+        )
 
     def _order(self, epoch: int) -> np.ndarray:
         if self._order_cache is None or self._order_cache[0] != epoch:
@@ -110,6 +124,8 @@ class ImageSource:
 
     def host_batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's uint8 images of ``step``, shape [batch_size / process_count, H, W, C]."""
+        if self._images is not None:
+            return {"image": self._images[self.indices(step)]}
         from fmjax.data.tfds_sources import read_batch
 
         images, _ = read_batch(self.records, self.indices(step))
