@@ -117,7 +117,9 @@ class MemoryImages(ImageSource):
         self.images = np.random.default_rng(seed).integers(
             0, 256, (pool * batch_size, *shape), dtype=np.uint8
         )
-        super().__init__([{"image": image} for image in self.images], batch_size=batch_size, seed=seed)
+        records = [{"image": image} for image in self.images]
+        # the images are in memory already: no cache of the records (which carry no labels)
+        super().__init__(records, batch_size=batch_size, seed=seed, cache_bytes=0)
 
     def host_batch(self, step: int) -> dict[str, np.ndarray]:
         begin = (step % self.steps_per_epoch) * self.batch_size

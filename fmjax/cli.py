@@ -168,7 +168,14 @@ def _init_distributed(args) -> None:
             )
         import jax
 
-        jax.distributed.initialize()
+        try:
+            jax.distributed.initialize()
+        except (ValueError, RuntimeError) as error:  # no cluster that JAX can detect here
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise _UsageError(
+                f"--distributed auto found no cluster to join ({reason}); on a machine without a TPU pod "
+                "or a cluster scheduler, give --coordinator, --num-processes and --process-id"
+            ) from None
         return
     if not any(given):
         return

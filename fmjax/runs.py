@@ -1,9 +1,12 @@
-"""Training runs on 2D toy data: configuration, the training loop and evaluation, as used by ``fmjax train``.
+"""Training runs: configuration, the one training loop (2D toy data and images alike) and evaluation, as used
+by ``fmjax train``. The data come from a source of ``fmjax.data.sources``; what is image-specific (the UNet,
+bits/dim, image grids) lives in ``fmjax.image_runs``.
 
 A run directory holds:
 
-- ``config.json``: the ``RunConfig``;
-- ``metrics.jsonl``: one JSON object a line (training chunks, then the evaluation);
+- ``config.json``: the ``RunConfig``, and under ``environment`` the devices of the first start;
+- ``metrics.jsonl``: one JSON object a line (training records with the host's input and solve time, then the
+  evaluation);
 - ``checkpoints/<step>/``: orbax checkpoints of the ``TrainState``;
 - ``samples.png``, ``trajectories.png``, ``loss.png``: plots;
 - ``summary.json``: the final evaluation.

@@ -233,6 +233,7 @@ def test_summary_and_config_record_the_devices(tmp_path):
         (["--devices", "999"], "devices must be at most the"),
         (["--distributed", "slurm"], "--distributed must be 'auto'; got 'slurm'"),
         (["--distributed", "auto", "--process-id", "0"], "--distributed auto detects the cluster"),
+        (["--distributed", "auto"], "--distributed auto found no cluster to join"),
         (["--precision", "fp8"], "precision must be one of 'bf16', 'float32'; got 'fp8'"),
     ],
 )
