@@ -1,5 +1,5 @@
-"""Image runs (``fmjax train --dataset digits``): the UNet, evaluation, bits/dim and sampling of a UNet CFM from
-Gaussian noise to images; training goes through ``fmjax.runs.train`` with an ``fmjax.data.sources.ImageSource``.
+"""Image runs (``fmjax train --dataset digits``): the UNet, evaluation, bits/dim and sampling of a UNet CFM
+from Gaussian noise to images; training goes through ``fmjax.runs.train`` with a ``sources.ImageSource``.
 
 Images x in {0..255} are dequantised and mapped to [-1, 1) as z = 2 (x + u) / 256 - 1 with u ~ U[0, 1), the
 space in which ``bits_per_dim`` evaluates the density. The source is N(0, I); the path is CondOT with

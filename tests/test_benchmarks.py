@@ -75,7 +75,7 @@ def test_device_check_writes_every_row(tmp_path):
     train = {(r[0], r[2]): r[3:] for r in rows if r[0] in ("MLP 2D", "UNet 8x8x1")}
     trainings = ("I-CFM", "OT-CFM (exact, pipelined)")
     assert set(train) == {(model, training) for model in ("MLP 2D", "UNet 8x8x1") for training in trainings}
-    for (model, training), cells in train.items():
+    for cells in train.values():
         steps_per_s, samples_per_s = _positive(cells[0]), _positive(cells[1])
         assert samples_per_s == pytest.approx(16 * steps_per_s, rel=2e-3)  # 4 significant digits each
         for cell in cells[2:]:  # GFLOP/step, TFLOP/s, fractions, steps measured, per dispatch, first chunk
