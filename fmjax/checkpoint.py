@@ -89,6 +89,7 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
         )
         self._pending: int | None = None  # the step being written in the background
+        self._reported = False  # a failed write was raised as OSError already
 
     def save(self, step: int, state: Any, *, wait: bool = True) -> bool:
         """Write ``state`` as checkpoint ``step``; returns whether a save was started (always True).
@@ -144,6 +145,7 @@ class Checkpointer:
             self._failed(step, error)
 
     def _failed(self, step: int, error: Exception) -> NoReturn:
+        self._reported = True
         with contextlib.suppress(Exception):  # no background write may still use the folders cleaned below
             self._manager.wait_until_finished()
         self._discard_partial(step)
@@ -309,14 +311,29 @@ class Checkpointer:
         self._manager.reload()
 
     def close(self) -> None:
-        """Wait for the pending save (its failure raises OSError, see ``save``) and release the manager."""
+        """Wait for the pending save (its failure raises OSError, see ``save``) and release the manager.
+
+        Releasing the manager can re-raise the error of a write that already failed (and was reported by
+        ``save`` or ``wait``); that one is not raised again.
+        """
         try:
             self.wait()
         finally:
-            self._manager.close()
+            try:
+                self._manager.close()
+            except Exception as error:  # orbax's background thread re-raising a failure
+                if not self._reported:
+                    raise OSError(
+                        f"could not finish writing checkpoints in {self.directory} ({_reason(error, 300)}); "
+                        f"the checkpoints already written are intact: {self.all_steps() or 'none'}"
+                    ) from error
 
     def __enter__(self) -> Checkpointer:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        with contextlib.suppress(Exception):  # the error already leaving the block is the one to report
+            self.close()

@@ -424,3 +424,20 @@ def test_two_processes_restore_the_step_process_0_chose(tmp_path):
         assert result["steps_while_pending"] == [1, 2] and result["steps_after_wait"] == [1, 2, 12]
     assert results[0]["skipped"] == results[1]["skipped"]
     assert sorted(os.listdir(directory)) == ["1", "12", "2", "3.corrupt", "4.corrupt"]
+
+
+def test_the_error_leaving_the_block_is_not_replaced_by_closing(tmp_path):
+    # orbax's manager can re-raise a failed background write when it is closed; the OSError already
+    # reported (or any error leaving the with block) is the one the caller sees
+    def raw_close():
+        raise ValueError("RESOURCE_EXHAUSTED: raw tensorstore error")
+
+    with pytest.raises(OSError, match="could not write checkpoint 7"):
+        with Checkpointer(tmp_path) as ckpt:
+            ckpt._manager.close = raw_close
+            ckpt._reported = True
+            raise OSError("could not write checkpoint 7 in somewhere")
+    ckpt = Checkpointer(tmp_path / "b")
+    ckpt._manager.close = raw_close
+    with pytest.raises(OSError, match="could not finish writing checkpoints .*RESOURCE_EXHAUSTED"):
+        ckpt.close()  # not reported before: one OSError naming the cause
