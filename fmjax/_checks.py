@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def check_choice(name: str, value: Any, allowed: Iterable[str]) -> str:
@@ -23,6 +25,42 @@ def lookup(name: str, value: Any, registry: Mapping[str, Any]) -> Any:
     return registry[check_choice(name, value, registry)]
 
 
+def _scalar(value: Any) -> Any:
+    """``value`` as a Python/NumPy scalar if it is a number or a concrete 0-d array, else ``value``.
+
+    NumPy scalars (np.float32, np.int64, np.bool_) and 0-d NumPy or JAX arrays are unwrapped with
+    ``.item()``; traced values are returned as they are (configuration must be concrete).
+    """
+    if isinstance(value, jax.core.Tracer):
+        return value
+    if isinstance(value, np.generic | np.ndarray | jax.Array) and np.ndim(value) == 0:
+        try:
+            return np.asarray(value).item()
+        except TypeError:  # e.g. a typed PRNG key: not a number
+            return value
+    return value
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, jax.core.Tracer):
+        return (
+            f"a traced value of shape {value.shape} (configuration must be concrete, not computed under jit)"
+        )
+    if isinstance(value, tuple | list | dict):
+        return f"a {type(value).__name__} of {len(value)} items"
+    if isinstance(value, np.generic):
+        return f"numpy.{type(value).__name__} {value}"
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"an array of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _is_bool(value: Any) -> bool:
+    if isinstance(value, bool | np.bool_):
+        return True
+    return hasattr(value, "dtype") and jnp.dtype(value.dtype) == jnp.bool_
+
+
 def check_real(
     name: str,
     value: Any,
@@ -32,10 +70,16 @@ def check_real(
     low_inclusive: bool = True,
     high_inclusive: bool = True,
 ) -> float:
-    """Return ``value`` as a float after checking it is a finite real number in the given range."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a real number; got {type(value).__name__} {value!r}")
-    value = float(value)
+    """Return ``value`` as a float after checking it is a finite real number in the given range.
+
+    Accepted: int, float, NumPy integer/floating scalars and concrete 0-d integer/floating arrays.
+    Refused with a TypeError: bools, strings, complex numbers, arrays with more than one element,
+    traced values. NaN, inf and values outside the range raise a ValueError naming ``name``.
+    """
+    plain = _scalar(value)
+    if _is_bool(value) or isinstance(plain, bool) or not isinstance(plain, int | float):
+        raise TypeError(f"{name} must be a real number; got {_describe(value)}")
+    value = float(plain)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite; got {value!r}")
     if low is not None and (value < low or (value == low and not low_inclusive)):
@@ -47,13 +91,31 @@ def check_real(
     return value
 
 
-def check_int(name: str, value: Any, *, low: int | None = None) -> int:
-    """Return ``value`` after checking it is an int (not a bool) no smaller than ``low``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}")
-    if low is not None and value < low:
-        raise ValueError(f"{name} must be >= {low}; got {value!r}")
-    return value
+def check_int(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
+    """Return ``value`` as an int after checking it is an integer in [low, high].
+
+    Accepted: int, NumPy integer scalars and concrete 0-d integer arrays. Refused with a TypeError:
+    bools, floats (even integral ones), strings, traced values.
+    """
+    plain = _scalar(value)
+    if _is_bool(value) or isinstance(plain, bool) or not isinstance(plain, int):
+        raise TypeError(f"{name} must be an int; got {_describe(value)}")
+    if low is not None and plain < low:
+        raise ValueError(f"{name} must be >= {low}; got {plain!r}")
+    if high is not None and plain > high:
+        raise ValueError(f"{name} must be <= {high}; got {plain!r}")
+    return int(plain)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value`` as a bool after checking it is a bool, np.bool_ or a concrete 0-d bool array.
+
+    Anything else (ints, strings such as "False", which would be truthy) raises a TypeError.
+    """
+    plain = _scalar(value)
+    if not isinstance(plain, bool):
+        raise TypeError(f"{name} must be True or False; got {_describe(value)}")
+    return plain
 
 
 FULL_PRECISION = ("float32", "float64")
@@ -63,6 +125,9 @@ HALF_PRECISION = ("bfloat16", "float16")
 def check_batch(name: str, x: Any, *, half_precision: bool = False) -> None:
     """Check that ``x`` is a floating array of shape [batch, *dims] with at least one data axis.
 
+    An empty batch (batch = 0) or empty samples (prod(dims) = 0) raise a ValueError: a mean over no
+    samples is NaN, and a training step would advance on it.
+
     Accepted dtypes are float32 and float64, and with ``half_precision=True`` also bfloat16 and float16
     (for callers that upcast the batch themselves, e.g. a training step). Integer and other dtypes
     raise a TypeError naming ``name`` and listing the accepted dtypes.
@@ -71,6 +136,10 @@ def check_batch(name: str, x: Any, *, half_precision: bool = False) -> None:
         raise TypeError(f"{name} must be an array of shape [batch, *dims]; got {type(x).__name__}")
     if len(x.shape) < 2:
         raise ValueError(f"{name} must have shape [batch, *dims] (rank >= 2); got shape {x.shape}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one sample (batch >= 1); got shape {x.shape}")
+    if math.prod(x.shape[1:]) == 0:
+        raise ValueError(f"{name} must have at least one value per sample; got shape {x.shape}")
     accepted = FULL_PRECISION + (HALF_PRECISION if half_precision else ())
     if jnp.dtype(x.dtype).name not in accepted:
         raise TypeError(
@@ -108,3 +177,114 @@ def check_unit_interval(name: str, t: Any) -> None:
         raise ValueError(
             f"{name} must lie in [0, 1]; got values from {float(jnp.min(t))} to {float(jnp.max(t))}"
         )
+
+
+def check_key(name: str, key: Any) -> None:
+    """Check that ``key`` is one PRNG key: a typed key of shape () (``jax.random.key(0)``) or a raw
+    uint32 key of shape [2] (``jax.random.PRNGKey(0)``). Ints, other arrays and batches of keys raise
+    a TypeError naming ``name``; works on traced keys (only shape and dtype are read)."""
+    how = f"{name} must be one PRNG key, e.g. jax.random.key(0)"
+    if not hasattr(key, "shape") or not hasattr(key, "dtype"):
+        raise TypeError(f"{how}; got {_describe(key)}")
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape != ():
+            raise TypeError(f"{how}; got a batch of keys of shape {key.shape} (index or split it first)")
+        return
+    if jnp.dtype(key.dtype) != jnp.uint32 or len(key.shape) != 1:
+        raise TypeError(f"{how}; got {_describe(key)}")
+
+
+def _signature_text(params: tuple[str, ...]) -> str:
+    return ", ".join(params)
+
+
+def check_callable(name: str, fn: Any, params: tuple[str, ...], *, hint: str = "") -> None:
+    """Check that ``fn`` is callable as ``fn(*params)`` (positionally), naming ``name`` if not.
+
+    Signatures Python cannot inspect (some builtins) pass; the call itself is left to fail.
+    """
+    call = f"{name}({_signature_text(params)})"
+    if not callable(fn):
+        raise TypeError(f"{name} must be a function called as {call}; got {_describe(fn)}")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(*params)
+    except TypeError:
+        raise TypeError(f"{name} must be callable as {call}; its signature is {signature}{hint}") from None
+
+
+def check_output(call: str, out: Any, shape: tuple[int, ...], what: str) -> None:
+    """Check that a user callable's output is one real floating array of ``shape``.
+
+    ``call`` names the callable as the user wrote it (e.g. ``"velocity(t, x)"``); ``what`` says what
+    the expected shape is (e.g. ``"[batch, *dims], the shape of x"``). Raises a TypeError for tuples,
+    Python numbers and non-floating dtypes (ints, bools, complex), a ValueError for a wrong shape.
+    Shapes are static, so under jit this runs once, at trace time.
+    """
+    if not hasattr(out, "shape") or not hasattr(out, "dtype") or isinstance(out, np.generic):
+        raise TypeError(f"{call} must return one array of shape {what} = {shape}; got {_describe(out)}")
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        raise TypeError(f"{call} must return a real floating-point array; got dtype {out.dtype}")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{call} must return shape {what} = {tuple(shape)}; got shape {tuple(out.shape)}")
+
+
+def is_traced(*values: Any) -> bool:
+    """Whether any leaf of ``values`` is a tracer (inside jit, vmap, grad...): values are unknown."""
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(values))
+
+
+def resolve_path(path: Any, name: str = "path") -> Any:
+    """An ``AffinePath`` from a path or a name in ``fmjax.paths.PATHS`` (e.g. "condot").
+
+    A name builds the path with its defaults (``make_path(name)``). A path class instead of an
+    instance, or anything else, raises a TypeError naming ``name`` and how to build one.
+    """
+    from fmjax.paths import PATHS, AffinePath, make_path
+
+    if isinstance(path, str):
+        return make_path(path)
+    if isinstance(path, AffinePath):
+        return path
+    names = ", ".join(map(repr, sorted(PATHS)))
+    if isinstance(path, type) and issubclass(path, AffinePath):
+        raise TypeError(f"{name} must be a path, not a path class: call it, e.g. {path.__name__}()")
+    raise TypeError(
+        f"{name} must be an fmjax path (e.g. fmjax.Linear(), fmjax.CondOT(sigma_min=1e-4)) or one of "
+        f"the names {names}; got {_describe(path)}"
+    )
+
+
+def resolve_coupling(coupling: Any, name: str = "coupling") -> Any:
+    """A ``Coupling`` from a coupling or a name in ``fmjax.couplings.COUPLINGS`` (e.g. "exact").
+
+    A name builds the coupling with its factory's defaults (``make_coupling(name)``). A factory that
+    was not called, or anything else, raises a TypeError naming ``name`` and how to build one.
+    """
+    from fmjax.couplings import COUPLINGS, Coupling, make_coupling
+
+    if isinstance(coupling, str):
+        return make_coupling(coupling)
+    if isinstance(coupling, Coupling):
+        return coupling
+    names = ", ".join(map(repr, sorted(COUPLINGS)))
+    if callable(coupling) and not isinstance(coupling, type) and coupling in COUPLINGS.values():
+        raise TypeError(f"{name} must be a coupling, not its factory: call it, e.g. {coupling.__name__}()")
+    raise TypeError(
+        f"{name} must be an fmjax coupling (e.g. fmjax.independent(), fmjax.exact(), "
+        f"fmjax.sinkhorn(epsilon=0.05)) or one of the names {names}; got {_describe(coupling)}"
+    )
+
+
+def resolve_time_sampler(time_sampler: Any, name: str = "time_sampler") -> Any:
+    """A time sampler ``(key, n, dtype) -> t`` from a callable or a name in ``TIME_SAMPLERS``."""
+    from fmjax._time import TIME_SAMPLERS
+
+    if isinstance(time_sampler, str):
+        return lookup(name, time_sampler, TIME_SAMPLERS)()
+    hint = " (a factory such as fmjax.logit_normal must be called first: fmjax.logit_normal())"
+    check_callable(name, time_sampler, ("key", "n", "dtype"), hint=hint)
+    return time_sampler
