@@ -17,11 +17,23 @@ from typing import Any, NamedTuple
 import diffrax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from fmjax._checks import check_batch, check_finite, check_int, check_real, lookup
+from fmjax._checks import (
+    check_batch,
+    check_bool,
+    check_callable,
+    check_finite,
+    check_int,
+    check_output,
+    check_real,
+    is_traced,
+    lookup,
+)
 
 __all__ = [
     "SOLVERS",
+    "SOLVE_STATUS",
     "SolverSpec",
     "Trajectory",
     "SampleResult",
@@ -73,6 +85,13 @@ class Trajectory(NamedTuple):
     xs: jax.Array
 
 
+SOLVE_STATUS = ("ok", "non-finite", "stopped")
+"""Meaning of ``SampleResult.status`` / ``LikelihoodResult.status`` (the index is the code):
+0 "ok"; 1 "non-finite": the solve reached t1 but its result holds NaN or inf; 2 "stopped": the
+solver stopped before t1 (max_steps reached: a field that is non-finite ahead, or too stiff for the
+step budget), and the result is filled with NaN. Outside jit a nonzero status raises instead."""
+
+
 class SampleResult(NamedTuple):
     """Result of ``sample``.
 
@@ -80,11 +99,16 @@ class SampleResult(NamedTuple):
       x1: the state at t1, shape [batch, *dims].
       nfe: number of velocity evaluations the solve made (int32 scalar), rejected steps included.
       trajectory: a ``Trajectory`` when ``save_trajectory=True``, else None.
+      status: int32 scalar, a code of ``SOLVE_STATUS``; always 0 outside jit (a failure raises).
     """
 
     x1: jax.Array
     nfe: jax.Array
     trajectory: Trajectory | None
+    status: jax.Array
+
+
+_SHAPE_OF_X = "[batch, *dims], the shape of x"
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["params"], meta_fields=["apply_fn"])
@@ -93,7 +117,8 @@ class ModelVelocity:
     """``velocity(t, x) = apply_fn(params, broadcast(t, [batch]), x)``, a pytree over ``params``.
 
     Because ``params`` are leaves, not constants baked into a closure, a solve compiled for one set
-    of parameters is reused for the next.
+    of parameters is reused for the next. ``apply_fn``'s output must be a real floating array of
+    x's shape [batch, *dims] (checked at trace time: a ValueError/TypeError names ``apply_fn``).
     """
 
     apply_fn: Callable[[Any, jax.Array, jax.Array], jax.Array]
@@ -101,12 +126,37 @@ class ModelVelocity:
 
     def __call__(self, t: jax.Array, x: jax.Array) -> jax.Array:
         t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])
-        return self.apply_fn(self.params, t, x)
+        out = self.apply_fn(self.params, t, x)
+        check_output("apply_fn(params, t, x)", out, x.shape, _SHAPE_OF_X)
+        return out
 
 
 def as_velocity(apply_fn: Callable[[Any, jax.Array, jax.Array], jax.Array], params: Any) -> ModelVelocity:
-    """Adapt a model ``apply_fn(params, t[batch], x)`` to the ``velocity(t, x)`` contract (t scalar)."""
+    """Adapt a model ``apply_fn(params, t[batch], x)`` to the ``velocity(t, x)`` contract (t scalar).
+
+    >>> import jax.numpy as jnp
+    >>> velocity = as_velocity(lambda params, t, x: params * t[:, None] * x, 2.0)
+    >>> velocity(0.5, jnp.ones((3, 2))).tolist()[0]
+    [1.0, 1.0]
+    """
+    check_callable("apply_fn", apply_fn, ("params", "t", "x"))
     return ModelVelocity(apply_fn, params)
+
+
+_VELOCITY_HINT = " (a model apply_fn(params, t, x)? wrap it: fmjax.as_velocity(apply_fn, params))"
+
+
+def check_velocity(velocity: Any) -> None:
+    """Raise a TypeError unless ``velocity`` can be called as ``velocity(t, x)``."""
+    check_callable("velocity", velocity, ("t", "x"), hint=_VELOCITY_HINT)
+
+
+def call_velocity(velocity: Velocity, t: jax.Array, x: jax.Array) -> jax.Array:
+    """``velocity(t, x)``, checked at trace time to be a real floating array of x's shape, cast to
+    x's dtype (a bfloat16 or float32 model output joins a float32 or float64 state)."""
+    out = velocity(t, x)
+    check_output("velocity(t, x)", out, x.shape, _SHAPE_OF_X)
+    return out.astype(x.dtype)
 
 
 def _check_interval(t0: Any, t1: Any) -> tuple[float, float]:
@@ -138,25 +188,26 @@ def solve(
 
     ``steps=N`` uses a fixed grid of N equal steps; ``steps=None`` an adaptive PID controller with
     tolerances ``rtol``/``atol`` (only for solvers with an error estimate). Shared by ``sample`` and
-    ``fmjax.likelihood``.
+    ``fmjax.likelihood``. The solve never raises on failure (diffrax's ``throw=False``): read
+    ``solution.result``, or use ``solve_status``.
     """
     spec = lookup("solver", solver, SOLVERS)
+    rtol = check_real("rtol", rtol, low=0.0, low_inclusive=False)
+    atol = check_real("atol", atol, low=0.0, low_inclusive=False)
+    max_steps = check_int("max_steps", max_steps, low=1)
     if steps is None:
         if not spec.adaptive:
             raise ValueError(
                 f"steps is required for solver {solver!r}, which has no error estimate; "
                 f"adaptive solvers: {', '.join(n for n, s in SOLVERS.items() if s.adaptive)}"
             )
-        rtol = check_real("rtol", rtol, low=0.0, low_inclusive=False)
-        atol = check_real("atol", atol, low=0.0, low_inclusive=False)
         controller = diffrax.PIDController(rtol=rtol, atol=atol)
         dt0 = None
     else:
-        check_int("steps", steps, low=1)
+        steps = check_int("steps", steps, low=1)
         controller = diffrax.ConstantStepSize()
         dt0 = (t1 - t0) / steps
         max_steps = steps
-    check_int("max_steps", max_steps, low=1)
     solution = diffrax.diffeqsolve(
         diffrax.ODETerm(vector_field),
         spec.make(),
@@ -168,13 +219,118 @@ def solve(
         stepsize_controller=controller,
         saveat=saveat if saveat is not None else diffrax.SaveAt(t1=True),
         max_steps=max_steps,
+        throw=False,
     )
     nfe = solution.stats["num_steps"] * spec.evals_per_step + spec.initial_evals
     return solution, jnp.asarray(nfe, jnp.int32)
 
 
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+
+
+def solve_status(solution: diffrax.Solution, result: Any) -> jax.Array:
+    """The ``SOLVE_STATUS`` code (int32 scalar) of a solve whose final value is the pytree ``result``."""
+    finite = _all_finite(result)
+    stopped = jnp.invert(diffrax.is_successful(solution.result))
+    return jnp.where(stopped, 2, jnp.where(finite, 0, 1)).astype(jnp.int32)
+
+
+def _kinds(nan: int, inf: int) -> str:
+    return " and ".join(kind for kind, count in (("NaN", nan), ("inf", inf)) if count)
+
+
+def explain_failure(
+    vector_field: Callable[[jax.Array, Any, Any], Any],
+    y0: Any,
+    *,
+    args: Any,
+    names: tuple[str, ...],
+    caller: str,
+    t0: float,
+    t1: float,
+    solver: str,
+    steps: int | None,
+    rtol: float,
+    atol: float,
+    max_steps: int,
+) -> Exception:
+    """The exception to raise for a failed solve, found by solving again with an instrumented field.
+
+    The field's outputs (one per name in ``names``, e.g. the velocity and its divergence) are checked
+    at every evaluation; a host callback records the first time, in the direction of integration, at
+    which an output was non-finite for a finite state, and the first time the state itself was
+    non-finite. This second solve runs only after a failure, outside jit. Returns a
+    FloatingPointError naming the output that went non-finite (or the overflowing state), else a
+    RuntimeError for a solver that ran out of steps on a finite field.
+    """
+    field_hits, state_hits = [], []
+
+    def record_field(t, counts):
+        field_hits.append((float(t), np.asarray(counts)))
+
+    def record_state(t):
+        state_hits.append(float(t))
+
+    def instrumented(t, y, args):
+        out = vector_field(t, y, args)
+        counts = jnp.stack(
+            [jnp.stack([jnp.sum(jnp.isnan(leaf)), jnp.sum(jnp.isinf(leaf))]) for leaf in jax.tree.leaves(out)]
+        )
+        finite_in = _all_finite(y)
+        jax.lax.cond(
+            finite_in & (jnp.sum(counts) > 0),
+            lambda: jax.debug.callback(record_field, t, counts),
+            lambda: None,
+        )
+        jax.lax.cond(finite_in, lambda: None, lambda: jax.debug.callback(record_state, t))
+        return out
+
+    solution, _ = solve(
+        instrumented,
+        y0,
+        t0=t0,
+        t1=t1,
+        solver=solver,
+        steps=steps,
+        rtol=rtol,
+        atol=atol,
+        max_steps=max_steps,
+        args=args,
+    )
+    jax.block_until_ready(solution.ys)
+    first = min if t1 > t0 else max
+    how = f"{caller} with solver {solver!r}" + (f" and {steps} fixed steps" if steps is not None else "")
+    if field_hits:
+        t, counts = first(field_hits, key=lambda hit: hit[0])
+        k = int(np.argmax(counts.sum(axis=1) > 0))
+        nan, inf = (int(c) for c in counts[k])
+        return FloatingPointError(
+            f"{names[k]} returned {_kinds(nan, inf)} ({nan + inf} values) at t={t:.6g} for a finite "
+            f"state; {how} cannot integrate past it (check the model's parameters for NaN and the "
+            "field's domain)"
+        )
+    if state_hits:
+        t = first(state_hits)
+        return FloatingPointError(
+            f"the state overflowed to inf/NaN at t={t:.6g} although {names[0]} stayed finite for finite "
+            f"states: {how} took steps too large for how fast the field grows, or the solution blows "
+            "up in finite time (use more steps or an adaptive solver)"
+        )
+    if not bool(diffrax.is_successful(solution.result)):
+        stop = float(solution.ts[-1])
+        return RuntimeError(
+            f"{how} reached max_steps={max_steps} at t={stop:.6g} before t1={t1:g}, with {names[0]} "
+            "finite: the field is stiff, changes fast or blows up there (raise max_steps, loosen "
+            "rtol/atol, or use fixed steps)"
+        )
+    return FloatingPointError(
+        f"{how} returned non-finite values, but a second solve did not (is the field random?)"
+    )
+
+
 def _velocity_term(t, x, velocity):
-    return velocity(t, x)
+    return call_velocity(velocity, t, x)
 
 
 def sample(
@@ -191,46 +347,59 @@ def sample(
     trajectory_points: int = 101,
     max_steps: int = 4096,
 ) -> SampleResult:
-    """Push ``x0`` through the flow of ``velocity`` from ``t0`` to ``t1``.
+    """Push ``x0`` through the flow of ``velocity`` from ``t0`` to ``t1``: x1 = x0 + int_t0^t1 v_t(x_t) dt.
 
     Args:
-      velocity: ``velocity(t, x) -> dx/dt`` with t a scalar and x of shape [batch, *dims]; see
-        ``as_velocity`` for models.
-      x0: starting points, shape [batch, *dims].
+      velocity: ``velocity(t, x) -> dx/dt`` with t a scalar and x of shape [batch, *dims]; it must
+        return a real floating array of x's shape (checked once at trace time: a ValueError or
+        TypeError names ``velocity``). See ``as_velocity`` for models.
+      x0: starting points, shape [batch, *dims], batch >= 1, finite.
       solver: a name from ``SOLVERS``.
-      steps: None for adaptive steps; N for N equal steps.
-      rtol, atol: tolerances of the adaptive controller (ignored for fixed steps).
+      steps: None for adaptive steps; N >= 1 for N equal steps.
+      rtol, atol: tolerances (> 0) of the adaptive controller (ignored for fixed steps).
       t0, t1: integration interval in [0, 1]; t1 < t0 integrates backwards (data to noise).
       save_trajectory: also return the states at ``trajectory_points`` equally spaced times (for
         fixed steps: at every grid point, steps + 1 of them).
-      trajectory_points: number of saved times for adaptive solves.
+      trajectory_points: number of saved times for adaptive solves (>= 2).
       max_steps: step budget of adaptive solves.
 
     Returns:
-      ``SampleResult(x1, nfe, trajectory)``.
+      ``SampleResult(x1, nfe, trajectory, status)``.
+
+    Raises:
+      FloatingPointError: outside jit, when the result is not finite; the message names the time at
+        which ``velocity`` first returned NaN/inf for a finite state (found by a second,
+        instrumented solve), or says that the state overflowed.
+      RuntimeError: outside jit, when an adaptive solver ran out of ``max_steps`` on a finite field.
+
+    Inside jit (or vmap, grad) nothing can raise: ``status`` says what happened (``SOLVE_STATUS``);
+    for status 2 ``x1`` is all NaN, for status 1 it holds the NaN/inf the solve produced.
     """
+    check_velocity(velocity)
     check_batch("x0", x0)
     check_finite("x0", x0)
     t0, t1 = _check_interval(t0, t1)
-    if save_trajectory:
-        num = steps + 1 if steps is not None else check_int("trajectory_points", trajectory_points, low=2)
+    if steps is not None:
+        steps = check_int("steps", steps, low=1)
+    if check_bool("save_trajectory", save_trajectory):
+        if steps is None:
+            num = check_int("trajectory_points", trajectory_points, low=2)
+        else:
+            num = steps + 1
         ts = jnp.linspace(t0, t1, num, dtype=x0.dtype)
         saveat = diffrax.SaveAt(ts=ts)
     else:
         saveat = diffrax.SaveAt(t1=True)
-    solution, nfe = solve(
-        _velocity_term,
-        x0,
-        t0=t0,
-        t1=t1,
-        solver=solver,
-        steps=steps,
-        rtol=rtol,
-        atol=atol,
-        max_steps=max_steps,
-        saveat=saveat,
-        args=velocity,
-    )
-    if save_trajectory:
-        return SampleResult(x1=solution.ys[-1], nfe=nfe, trajectory=Trajectory(ts=ts, xs=solution.ys))
-    return SampleResult(x1=solution.ys[0], nfe=nfe, trajectory=None)
+    options = dict(t0=t0, t1=t1, solver=solver, steps=steps, rtol=rtol, atol=atol, max_steps=max_steps)
+    solution, nfe = solve(_velocity_term, x0, saveat=saveat, args=velocity, **options)
+    x1 = solution.ys[-1]
+    status = solve_status(solution, x1)
+    if not is_traced(status):
+        if int(status):
+            raise explain_failure(
+                _velocity_term, x0, args=velocity, names=("velocity",), caller="sample", **options
+            )
+    else:
+        x1 = jnp.where(status == 2, jnp.nan, x1)
+    trajectory = Trajectory(ts=ts, xs=solution.ys) if save_trajectory else None
+    return SampleResult(x1=x1, nfe=nfe, trajectory=trajectory, status=status)
