@@ -10,13 +10,33 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from fmjax._checks import check_real
+from fmjax._checks import check_int, check_key, check_real
 
 __all__ = ["uniform", "LogitNormal", "logit_normal", "TIME_SAMPLERS"]
 
 
+def _check_draw(key: jax.Array, n: int, dtype) -> tuple[int, jnp.dtype]:
+    """Check a sampler's arguments: one PRNG key, n >= 1, a floating dtype."""
+    check_key("key", key)
+    n = check_int("n", n, low=1)
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"dtype must be a floating dtype such as jnp.float32; got {dtype!r}")
+    return n, dtype
+
+
 def uniform(key: jax.Array, n: int, dtype=jnp.float32) -> jax.Array:
-    """Draw n times i.i.d. from U[0, 1)."""
+    """Draw n >= 1 times i.i.d. from U[0, 1), shape [n] of the floating ``dtype``.
+
+    >>> import jax
+    >>> t = uniform(jax.random.key(0), 5)
+    >>> t.shape, bool(((t >= 0) & (t < 1)).all())
+    ((5,), True)
+    """
+    n, dtype = _check_draw(key, n, dtype)
     return jax.random.uniform(key, (n,), dtype)
 
 
@@ -32,6 +52,8 @@ class LogitNormal:
         object.__setattr__(self, "std", check_real("std", self.std, low=0.0, low_inclusive=False))
 
     def __call__(self, key: jax.Array, n: int, dtype=jnp.float32) -> jax.Array:
+        """Draw n >= 1 times, shape [n] of the floating ``dtype``, in (0, 1)."""
+        n, dtype = _check_draw(key, n, dtype)
         z = self.mean + self.std * jax.random.normal(key, (n,), dtype)
         return jax.nn.sigmoid(z)
 

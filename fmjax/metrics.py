@@ -14,7 +14,7 @@ import numpy as np
 import ot
 
 from fmjax import _assignment
-from fmjax._checks import check_real
+from fmjax._checks import check_real, is_traced
 from fmjax.sampling import Trajectory
 
 __all__ = ["wasserstein2", "path_energy", "normalized_path_energy"]
@@ -52,8 +52,27 @@ def path_energy(trajectory: Trajectory) -> jax.Array:
     For an Euler solve saved at every step this equals E int_0^1 ||v_t(x_t)||^2 dt exactly (the
     velocity is constant over each step); for other solvers it is the energy of the piecewise-linear
     interpolation of the saved states, a lower bound that tightens as points are added.
+
+    ``trajectory.ts`` has shape [T] (T >= 2, strictly monotone when concrete) and ``trajectory.xs``
+    shape [T, batch, *dims] with batch >= 1; the result is a scalar.
     """
-    ts, xs = trajectory
+    if not isinstance(trajectory, tuple) or len(trajectory) != 2:
+        raise TypeError(
+            "trajectory must be a Trajectory(ts, xs) from sample(save_trajectory=True); "
+            f"got {type(trajectory).__name__}"
+        )
+    ts, xs = (jnp.asarray(a) for a in trajectory)
+    if ts.ndim != 1 or ts.shape[0] < 2:
+        raise ValueError(f"trajectory.ts must have shape [num_times] with num_times >= 2; got {ts.shape}")
+    if xs.ndim < 3 or xs.shape[0] != ts.shape[0] or xs.shape[1] == 0:
+        raise ValueError(
+            f"trajectory.xs must have shape [num_times, batch, *dims] = [{ts.shape[0]}, batch >= 1, ...]; "
+            f"got {xs.shape}"
+        )
+    if not is_traced(ts):
+        steps = np.diff(np.asarray(ts, np.float64))
+        if not (np.all(steps > 0) or np.all(steps < 0)):
+            raise ValueError("trajectory.ts must be strictly monotone (a zero time step has infinite energy)")
     dt = jnp.diff(ts)
     steps = jnp.diff(xs, axis=0)
     sq = jnp.sum(jnp.square(steps).reshape(steps.shape[0], steps.shape[1], -1), axis=-1)
@@ -65,6 +84,6 @@ def normalized_path_energy(energy: float, w2: float) -> float:
 
     ``w2`` is the 2-Wasserstein distance between the source and target distributions.
     """
-    energy = check_real("energy", float(energy), low=0.0)
-    w2 = check_real("w2", float(w2), low=0.0, low_inclusive=False)
+    energy = check_real("energy", energy, low=0.0)
+    w2 = check_real("w2", w2, low=0.0, low_inclusive=False)
     return abs(energy - w2**2) / w2**2

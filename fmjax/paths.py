@@ -31,7 +31,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fmjax._checks import check_batch, check_pair, check_real, check_unit_interval, lookup
+from fmjax._checks import check_batch, check_key, check_pair, check_real, check_unit_interval, lookup
 
 __all__ = [
     "PathSample",
@@ -78,6 +78,18 @@ class Schedule(NamedTuple):
     s: jax.Array
 
 
+def _check_times(t, shapes: str) -> jax.Array:
+    """``t`` as an array after checking it is real (ints or floats); ``shapes`` says which shapes fit."""
+    if not hasattr(t, "shape") and not isinstance(t, int | float):
+        raise TypeError(f"t must be a real array of shape {shapes}; got {type(t).__name__}")
+    t = jnp.asarray(t)
+    if t.dtype == jnp.bool_ or not (
+        jnp.issubdtype(t.dtype, jnp.floating) or jnp.issubdtype(t.dtype, jnp.integer)
+    ):
+        raise TypeError(f"t must be a real array of shape {shapes}; got dtype {t.dtype}")
+    return t
+
+
 def _expand(t: jax.Array, x: jax.Array) -> jax.Array:
     """Reshape per-sample t of shape [batch] to broadcast against x of shape [batch, *dims]."""
     return t.reshape(t.shape + (1,) * (x.ndim - 1))
@@ -107,7 +119,7 @@ class AffinePath(abc.ABC):
         """Draw x_t and the conditional velocity u_t for paired end points.
 
         Args:
-          key: PRNG key for the path's noise eps; may be None for deterministic paths.
+          key: one PRNG key for the path's noise eps; may be None for deterministic paths.
           x0: source points, shape [batch, *dims].
           x1: target points, same shape as x0.
           t: times in [0, 1], shape [batch].
@@ -116,7 +128,7 @@ class AffinePath(abc.ABC):
           A ``PathSample(t, x0, x1, xt, ut)`` with xt and ut of x0's shape and dtype.
         """
         check_pair(x0, x1)
-        t = jnp.asarray(t)
+        t = _check_times(t, "[batch]")
         if t.shape != x0.shape[:1]:
             raise ValueError(f"t must have shape [batch] = {x0.shape[:1]}; got {t.shape}")
         check_unit_interval("t", t)
@@ -130,6 +142,7 @@ class AffinePath(abc.ABC):
         if self.stochastic:
             if key is None:
                 raise ValueError(f"key is required: {type(self).__name__} draws noise eps")
+            check_key("key", key)
             eps = jax.random.normal(key, x0.shape, x0.dtype)
             xt = xt + _expand(coef.s, x0) * eps
             ut = ut + _expand(dcoef.s, x0) * eps
@@ -138,47 +151,52 @@ class AffinePath(abc.ABC):
     # Conversions between parametrisations, for deterministic paths (s_t = 0), where
     # xt = a x0 + b x1 and v = a' x0 + b' x1 determine x0 and x1 given any two of (xt, v, x0, x1).
 
-    def _coefficients(self, t: jax.Array, x: jax.Array):
+    def _coefficients(self, t: jax.Array, x: jax.Array, **predictions: jax.Array):
         if self.stochastic:
             raise ValueError(
                 f"{type(self).__name__} with nonzero noise has no conversion between velocity and "
                 "x1/eps predictions; use a deterministic path (sigma=0)"
             )
         check_batch("xt", x)
-        t = jnp.asarray(t, x.dtype)
-        if t.ndim == 0:
-            t = jnp.broadcast_to(t, x.shape[:1])
+        t = _check_times(t, f"() or [batch] = {x.shape[:1]}")
+        if t.shape not in ((), x.shape[:1]):
+            raise ValueError(f"t must be a scalar or have shape [batch] = {x.shape[:1]}; got {t.shape}")
+        for name, value in predictions.items():
+            if not hasattr(value, "shape") or tuple(value.shape) != tuple(x.shape):
+                got = value.shape if hasattr(value, "shape") else type(value).__name__
+                raise ValueError(f"{name} must have the shape of xt, {x.shape}; got {got}")
+        t = jnp.broadcast_to(t.astype(x.dtype), x.shape[:1])
         coef, dcoef = self.schedule(t), self.schedule_derivative(t)
         return (_expand(c, x) for c in (coef.a, coef.b, dcoef.a, dcoef.b))
 
     def velocity_from_x1(self, t: jax.Array, xt: jax.Array, x1_pred: jax.Array) -> jax.Array:
         """Velocity implied by a prediction of x1 at (t, xt): v = a' x0 + b' x1, x0 = (xt - b x1)/a."""
-        a, b, da, db = self._coefficients(t, xt)
+        a, b, da, db = self._coefficients(t, xt, x1_pred=x1_pred)
         return da * (xt - b * x1_pred) / a + db * x1_pred
 
     def velocity_from_eps(self, t: jax.Array, xt: jax.Array, eps_pred: jax.Array) -> jax.Array:
         """Velocity implied by a prediction of the source point x0 (eps): x1 = (xt - a x0)/b."""
-        a, b, da, db = self._coefficients(t, xt)
+        a, b, da, db = self._coefficients(t, xt, eps_pred=eps_pred)
         return da * eps_pred + db * (xt - a * eps_pred) / b
 
     def x1_from_velocity(self, t: jax.Array, xt: jax.Array, velocity: jax.Array) -> jax.Array:
         """x1 implied by a velocity at (t, xt): x1 = (a v - a' xt) / (a b' - a' b)."""
-        a, b, da, db = self._coefficients(t, xt)
+        a, b, da, db = self._coefficients(t, xt, velocity=velocity)
         return (a * velocity - da * xt) / (a * db - da * b)
 
     def eps_from_velocity(self, t: jax.Array, xt: jax.Array, velocity: jax.Array) -> jax.Array:
         """Source point x0 (eps) implied by a velocity at (t, xt): x0 = (b' xt - b v) / (a b' - a' b)."""
-        a, b, da, db = self._coefficients(t, xt)
+        a, b, da, db = self._coefficients(t, xt, velocity=velocity)
         return (db * xt - b * velocity) / (a * db - da * b)
 
     def x1_from_eps(self, t: jax.Array, xt: jax.Array, eps_pred: jax.Array) -> jax.Array:
         """x1 implied by a prediction of the source point: x1 = (xt - a x0) / b."""
-        a, b, _, _ = self._coefficients(t, xt)
+        a, b, _, _ = self._coefficients(t, xt, eps_pred=eps_pred)
         return (xt - a * eps_pred) / b
 
     def eps_from_x1(self, t: jax.Array, xt: jax.Array, x1_pred: jax.Array) -> jax.Array:
         """Source point implied by a prediction of x1: x0 = (xt - b x1) / a."""
-        a, b, _, _ = self._coefficients(t, xt)
+        a, b, _, _ = self._coefficients(t, xt, x1_pred=x1_pred)
         return (xt - b * x1_pred) / a
 
 

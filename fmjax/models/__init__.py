@@ -23,6 +23,8 @@ def functional(model: nnx.Module) -> tuple[Callable[[Any, jax.Array, jax.Array],
     rebuilds the module from them and calls it. Use it with ``cfm_loss``, ``make_train_step`` and
     ``fmjax.as_velocity``.
     """
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"model must be a Flax NNX module, e.g. MLP(dim=2); got {type(model).__name__}")
     graphdef, state = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(state)
 

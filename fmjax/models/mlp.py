@@ -24,6 +24,15 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 """Activation functions by name, as accepted by ``MLP(activation=...)``."""
 
 
+def _rngs(rngs: nnx.Rngs | None, seed: int) -> nnx.Rngs:
+    """``rngs`` if given (it must be an ``nnx.Rngs``), else ``nnx.Rngs(seed)`` for an int seed >= 0."""
+    if rngs is not None:
+        if not isinstance(rngs, nnx.Rngs):
+            raise TypeError(f"rngs must be an nnx.Rngs (or None, to use seed); got {type(rngs).__name__}")
+        return rngs
+    return nnx.Rngs(check_int("seed", seed, low=0))
+
+
 class MLP(nnx.Module):
     """v_theta(t, x): an MLP on the concatenation [x, t], as in the OT-CFM papers' 2D experiments.
 
@@ -50,12 +59,12 @@ class MLP(nnx.Module):
         seed: int = 0,
         rngs: nnx.Rngs | None = None,
     ):
-        check_int("dim", dim, low=1)
-        check_int("width", width, low=1)
-        check_int("depth", depth, low=1)
+        dim = check_int("dim", dim, low=1)
+        width = check_int("width", width, low=1)
+        depth = check_int("depth", depth, low=1)
         self.activation_name = activation
         self.activation = lookup("activation", activation, ACTIVATIONS)
-        rngs = rngs if rngs is not None else nnx.Rngs(seed)
+        rngs = _rngs(rngs, seed)
         sizes = [dim + 1] + [width] * depth
         self.hidden = nnx.List(
             [nnx.Linear(m, n, rngs=rngs) for m, n in zip(sizes[:-1], sizes[1:], strict=True)]

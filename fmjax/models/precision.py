@@ -38,6 +38,10 @@ def mixed_precision(
     >>> v.shape, v.dtype, params["out"]["kernel"].dtype
     ((4, 2), dtype('float32'), dtype('float32'))
     """
+    if not callable(apply_fn):
+        raise TypeError(
+            f"apply_fn must be a function apply_fn(params, t, x, ...); got {type(apply_fn).__name__}"
+        )
     try:
         compute_dtype = jnp.dtype(compute_dtype)
     except TypeError:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fmjax._checks import check_int
+from fmjax.models.mlp import _rngs
 
 __all__ = ["UNet", "timestep_embedding"]
 
@@ -22,12 +23,22 @@ def timestep_embedding(t: jax.Array, dim: int, *, max_period: float = 10_000.0) 
     return jnp.pad(emb, ((0, 0), (0, dim - 2 * half)))
 
 
+def _group_norm(c: int, groups: int, rngs: nnx.Rngs) -> nnx.GroupNorm:
+    """GroupNorm over ``c`` channels in min(groups, c) groups, which must divide ``c``."""
+    if c % min(groups, c):
+        raise ValueError(
+            f"groups={groups} must divide the channels of every GroupNorm, but one has {c} channels "
+            "(make channels * channel_mults multiples of groups, or choose another groups)"
+        )
+    return nnx.GroupNorm(c, num_groups=min(groups, c), rngs=rngs)
+
+
 class _ResBlock(nnx.Module):
     def __init__(self, c_in: int, c_out: int, emb_dim: int, groups: int, rngs: nnx.Rngs):
-        self.norm1 = nnx.GroupNorm(c_in, num_groups=min(groups, c_in), rngs=rngs)
+        self.norm1 = _group_norm(c_in, groups, rngs)
         self.conv1 = nnx.Conv(c_in, c_out, (3, 3), rngs=rngs)
         self.emb = nnx.Linear(emb_dim, c_out, rngs=rngs)
-        self.norm2 = nnx.GroupNorm(c_out, num_groups=min(groups, c_out), rngs=rngs)
+        self.norm2 = _group_norm(c_out, groups, rngs)
         self.conv2 = nnx.Conv(c_out, c_out, (3, 3), rngs=rngs)
         self.skip = nnx.Conv(c_in, c_out, (1, 1), rngs=rngs) if c_in != c_out else None
 
@@ -67,13 +78,14 @@ class UNet(nnx.Module):
         seed: int = 0,
         rngs: nnx.Rngs | None = None,
     ):
-        check_int("in_channels", in_channels, low=1)
-        check_int("channels", channels, low=1)
-        check_int("num_res_blocks", num_res_blocks, low=1)
-        check_int("groups", groups, low=1)
-        if not channel_mults or not all(isinstance(m, int) and m >= 1 for m in channel_mults):
+        in_channels = check_int("in_channels", in_channels, low=1)
+        channels = check_int("channels", channels, low=1)
+        num_res_blocks = check_int("num_res_blocks", num_res_blocks, low=1)
+        groups = check_int("groups", groups, low=1)
+        if isinstance(channel_mults, str) or not isinstance(channel_mults, tuple | list) or not channel_mults:
             raise ValueError(f"channel_mults must be a non-empty tuple of ints >= 1; got {channel_mults!r}")
-        rngs = rngs if rngs is not None else nnx.Rngs(seed)
+        channel_mults = tuple(check_int(f"channel_mults[{k}]", m, low=1) for k, m in enumerate(channel_mults))
+        rngs = _rngs(rngs, seed)
         self.levels = len(channel_mults)
         self.emb_dim = 4 * channels
         self.time_in = nnx.Linear(channels, self.emb_dim, rngs=rngs)
@@ -107,7 +119,7 @@ class UNet(nnx.Module):
         self.up = nnx.List(up)
         self.upsample = nnx.List(upsample)
         self.num_res_blocks = num_res_blocks
-        self.out_norm = nnx.GroupNorm(c, num_groups=min(groups, c), rngs=rngs)
+        self.out_norm = _group_norm(c, groups, rngs)
         self.out = nnx.Conv(c, in_channels, (3, 3), rngs=rngs)
 
     def __call__(self, t: jax.Array, x: jax.Array) -> jax.Array:
