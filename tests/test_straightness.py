@@ -39,8 +39,8 @@ def test_constant_field_is_exactly_straight(x64):
     field = lambda t, x: jnp.broadcast_to(shift, x.shape)
     dyadic = jnp.round(_x0() * 16) / 16
     assert float(straightness(field, dyadic, solver="euler", steps=8)) == 0.0
-    for solver in ("heun", "dopri5"):  # higher-order tableaux: only round-off in the summed weights
-        assert float(straightness(field, _x0(), solver=solver, steps=4)) < 1e-24
+    # a higher-order tableau: only round-off in its summed weights
+    assert float(straightness(field, _x0(), solver="dopri5", steps=4)) < 1e-24
 
 
 def test_time_only_field_is_the_time_variance_of_its_velocity(x64):
@@ -64,7 +64,7 @@ def test_linear_field_matches_the_closed_form(x64):
     assert float(adaptive) == pytest.approx(expected.mean(), rel=1e-5)
 
 
-@pytest.mark.parametrize(("solver", "order"), [("euler", 1), ("heun", 2), ("dopri5", 2)])
+@pytest.mark.parametrize(("solver", "order"), [("euler", 1), ("dopri5", 2)])
 def test_convergence_order_in_the_steps(solver, order, x64):
     # Euler: the polyline's own straightness -> the flow's at first order; trapezoid rule: second order
     x0 = _x0()

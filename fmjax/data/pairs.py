@@ -89,6 +89,8 @@ def load_pairs(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[st
                 raise ValueError(f"it lacks the arrays {missing}")
             x0, x1 = data["x0"], data["x1"]
             metadata = json.loads(str(data["metadata"]))
+            if not isinstance(metadata, dict):
+                raise ValueError(f"its metadata is a JSON {type(metadata).__name__}, not an object")
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
         raise ValueError(f"{path!r} is not a pairs file written by save_pairs ({error})") from None
     try:
