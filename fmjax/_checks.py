@@ -28,16 +28,20 @@ def lookup(name: str, value: Any, registry: Mapping[str, Any]) -> Any:
 def _scalar(value: Any) -> Any:
     """``value`` as a Python/NumPy scalar if it is a number or a concrete 0-d array, else ``value``.
 
-    NumPy scalars (np.float32, np.int64, np.bool_) and 0-d NumPy or JAX arrays are unwrapped with
-    ``.item()``; traced values are returned as they are (configuration must be concrete).
+    NumPy scalars (np.float32, np.int64, np.bool_) and 0-d NumPy or JAX arrays are unwrapped to Python
+    numbers, floats through their shortest decimal form (np.float32(0.1) is 0.1); traced values are
+    returned as they are (configuration must be concrete).
     """
     if isinstance(value, jax.core.Tracer):
         return value
     if isinstance(value, np.generic | np.ndarray | jax.Array) and np.ndim(value) == 0:
         try:
-            return np.asarray(value).item()
+            array = np.asarray(value)
         except TypeError:  # e.g. a typed PRNG key: not a number
             return value
+        if array.dtype.kind == "f":  # np.float32(0.1) is 0.1, not 0.10000000149011612
+            return float(str(array[()]))
+        return array.item()
     return value
 
 

@@ -310,8 +310,9 @@ def explain_failure(
             f"state; {how} cannot integrate past it (check the model's parameters for NaN and the "
             "field's domain)"
         )
-    if state_hits:
-        t = first(state_hits)
+    overflowed_last = bool(diffrax.is_successful(solution.result)) and not bool(_all_finite(solution.ys))
+    if state_hits or overflowed_last:
+        t = first(state_hits) if state_hits else t1  # no evaluation saw it: the last step overflowed
         return FloatingPointError(
             f"the state overflowed to inf/NaN at t={t:.6g} although {names[0]} stayed finite for finite "
             f"states: {how} took steps too large for how fast the field grows, or the solution blows "
