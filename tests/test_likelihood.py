@@ -135,3 +135,20 @@ def test_bad_arguments_are_named():
         log_likelihood(field, x, divergence="hutchinson", num_probes=0, key=jax.random.key(0))
     with pytest.raises(ValueError, match="num_samples must be >= 1"):
         bits_per_dim(field, jnp.zeros((2, 2), jnp.int32), key=jax.random.key(0), num_samples=0)
+    with pytest.raises(ValueError, match=r"images must hold integers in \{0, ..., 255\}"):
+        bits_per_dim(field, jnp.full((2, 2), 256), key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"log_p0\(x\) must return shape \[batch\]"):
+        log_likelihood(field, x, log_p0=lambda z: -0.5 * z**2)
+
+
+def test_bits_per_dim_levels_set_the_default_scale():
+    # 4-bit data (16 levels) under the uniform model on [-1, 1)^D: 4 bits per dimension
+    images = jax.random.randint(jax.random.key(17), (3, 5), 0, 16).astype(jnp.uint8)
+    log_uniform = lambda z: jnp.full(z.shape[0], -z[0].size * math.log(2.0))
+    zero = lambda t, x: jnp.zeros_like(x)
+    bpd = bits_per_dim(zero, images, key=jax.random.key(18), log_p0=log_uniform, num_levels=16)
+    np.testing.assert_allclose(bpd, 4.0, rtol=1e-6)
+    explicit = bits_per_dim(
+        zero, images, key=jax.random.key(18), log_p0=log_uniform, num_levels=16, scale=2 / 16
+    )
+    np.testing.assert_array_equal(bpd, explicit)

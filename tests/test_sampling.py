@@ -8,7 +8,7 @@ import pytest
 from jax.experimental import io_callback
 
 from fmjax.models import MLP, functional
-from fmjax.sampling import SOLVERS, as_velocity, sample
+from fmjax.sampling import SOLVE_STATUS, SOLVERS, as_velocity, sample
 
 A = jnp.array([[-0.5, 1.0], [-1.0, -0.2]])
 ADAPTIVE = [name for name, spec in SOLVERS.items() if spec.adaptive]
@@ -98,9 +98,24 @@ def test_backward_solve_inverts_forward(x64):
 
 def test_jit_matches_eager():
     x0 = _x0(jnp.float32)
-    eager = sample(linear_field, x0).x1
-    jitted = jax.jit(lambda x: sample(linear_field, x).x1)(x0)
-    np.testing.assert_allclose(eager, jitted, rtol=1e-6, atol=1e-6)
+    eager = sample(linear_field, x0)
+    jitted = jax.jit(lambda x: sample(linear_field, x))(x0)
+    np.testing.assert_allclose(eager.x1, jitted.x1, rtol=1e-6, atol=1e-6)
+    assert int(eager.status) == int(jitted.status) == 0 and int(eager.nfe) == int(jitted.nfe)
+
+
+def test_a_failed_solve_raises_eagerly_and_reports_under_jit():
+    # the field is NaN for t > 0.5: eagerly one line naming velocity and t; under jit a status
+    field = lambda t, x: jnp.where(t > 0.5, jnp.nan, linear_field(t, x))
+    x0 = _x0(jnp.float32)
+    # midpoint evaluates at t = 0.5 and at the step's middle, t = 0.625: the first NaN
+    with pytest.raises(FloatingPointError, match=r"^velocity returned NaN \(16 values\) at t=0.625 for"):
+        sample(field, x0, solver="midpoint", steps=4)
+    jitted = jax.jit(lambda x: sample(field, x, solver="midpoint", steps=4, save_trajectory=True))(x0)
+    assert SOLVE_STATUS[int(jitted.status)] == "non-finite"
+    # the trajectory is exact up to the last finite grid point, t = 0.5: midpoint steps of a linear field
+    step = jnp.eye(2) + 0.25 * A + 0.5 * (0.25 * A) @ (0.25 * A)
+    np.testing.assert_allclose(jitted.trajectory.xs[2], x0 @ (step @ step).T, rtol=1e-5, atol=1e-6)  # float32
 
 
 def test_model_velocity_reuses_the_compiled_solve_for_new_params():
