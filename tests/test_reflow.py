@@ -268,14 +268,15 @@ def _reflow_experiment(work, *, steps, pairs, eval_points, ema_decay, seed=0):
 
 
 def _assert_reflow_straightens(r):
-    # Seeds 0-3 of the fast setting (300 steps, 2048 pairs) gave teacher S 3.9-4.3 vs student 0.018-0.024,
-    # 1-step W2 2.23-2.30 vs 0.66-0.74, and the student's 1-step W2 at most 1.11x the teacher's dopri5 W2
-    # (0.60-0.67). The margins below (10x, 2x, 1.35x) leave room for platform differences and fail for a
-    # student that did not learn the pairs (e.g. independent pairs: S and 1-step W2 like the teacher's).
+    # Seeds 0-3 of the fast setting (300 steps, 2048 pairs) gave teacher S 3.8-4.3 vs student 0.018-0.025,
+    # 1-step W2 2.23-2.30 vs 0.66-0.74, the student's 1-step W2 at most 0.07 above the teacher's dopri5 W2
+    # (0.60-0.67); the full setting S 8.4 vs 0.012, 1-step W2 2.22 vs 0.22 (teacher dopri5 0.17). The
+    # margins below (10x, 2x, +0.15, about 3 times the sampling noise of W2 on 1000 points) leave room for
+    # platform differences, and fail for a student of shuffled pairs (S 4.3, 1-step W2 2.32: checked).
     assert r["student_straightness"] < r["teacher_straightness"] / 10, r
     assert r["student_w2_euler1"] < r["teacher_w2_euler1"] / 2, r
     # reflow keeps the teacher's marginal: one student step lands where the teacher's full solve does
-    assert r["student_w2_euler1"] < 1.35 * r["teacher_dopri5_w2"], r
+    assert r["student_w2_euler1"] < r["teacher_dopri5_w2"] + 0.15, r
     # the reflow pairs barely cross (0.009-0.016 seen) where independent pairs do (0.25)
     assert r["crossing_reflow"] < r["crossing_independent"] / 5, r
 
