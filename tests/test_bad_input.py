@@ -236,7 +236,7 @@ CLI_CASES = [
     ("negative-sigma", ["train", "--sigma", "-1"], "sigma must be >= 0"),
     ("nan-sigma", ["train", "--sigma", "nan"], "sigma must be finite"),
     ("zero-steps", ["train", "--steps", "0"], "steps must be >= 1"),
-    ("on-nonfinite", ["train", "--on-nonfinite", "pray"], "on_nonfinite must be one of"),
+    ("on-nonfinite", ["train", "--on-nonfinite", "pray"], "--on-nonfinite must be one of"),
     ("sample-unknown-solver", ["sample", "{run}", "--solver", "rk4"], "solver must be one of"),
     (
         "nll-unknown-probe",
@@ -246,7 +246,7 @@ CLI_CASES = [
     (
         "nll-zero-probes",
         ["nll", "{run}", "--divergence", "hutchinson", "--num-probes", "0"],
-        "num_probes must be >= 1",
+        "--num-probes must be >= 1",
     ),
     ("missing-run-dir", ["sample", "{missing}"], "does not exist"),
     ("not-a-run", ["nll", "{plain}"], "is not an fmjax run"),
