@@ -85,6 +85,18 @@ def ema_update(ema_params: Any, params: Any, decay: float) -> Any:
     return jax.tree.map(lambda e, p: e + (1 - decay) * (p - e), ema_params, params)
 
 
+# bits of ``metrics["nonfinite"]``
+NONFINITE_LOSS = 1
+NONFINITE_GRADIENT = 2
+NONFINITE_STATE = 4
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    """Whether every floating leaf of ``tree`` is finite: one boolean, reductions XLA fuses."""
+    checks = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(checks).all() if checks else jnp.bool_(True)
+
+
 def _at_least_float32(x: jax.Array) -> jax.Array:
     return x.astype(jnp.float32) if jnp.dtype(x.dtype).itemsize < 4 else x
 
@@ -98,6 +110,7 @@ def make_train_step(
     time_sampler: Callable[..., jax.Array] = uniform,
     ema_decay: float = 0.999,
     log_grad_norm: bool = False,
+    check_finite: bool = False,
     skip_nonfinite: bool = False,
     donate: bool = True,
     mesh: jax.sharding.Mesh | None = None,
@@ -119,11 +132,15 @@ def make_train_step(
       ema_decay: EMA decay in [0, 1); 0 makes ``ema_params`` equal to ``params``.
       log_grad_norm: add the gradient's global norm to the metrics. Off by default: on a CPU its
         per-leaf reductions cost about 2% of a small MLP's step.
-      skip_nonfinite: when the loss or the gradient is not finite, keep the parameters, optimiser
-        state and EMA unchanged (the step count and key still advance, so the data stream goes on)
-        and report ``metrics["skipped"] = 1``. Costs one global gradient norm and a select per
-        parameter. Off by default; without it a NaN propagates into the parameters, and
-        ``fmjax.runs.train`` stops at the failing step instead.
+      check_finite: add ``metrics["nonfinite"]``, an int32 bit mask of what went non-finite in this
+        step: 1 the loss, 2 the gradient's global norm (a NaN/inf gradient, or one so large that its
+        norm overflows), 4 the updated parameters or optimiser state. 0 means all finite. Costs the
+        gradient norm and one fused ``isfinite`` reduction over the new parameters and optimiser
+        state. ``fmjax.runs.train`` stops at the first step where it is not 0.
+      skip_nonfinite: when any of the checks of ``check_finite`` fails, keep the parameters,
+        optimiser state and EMA unchanged (the step count and key still advance, so the data stream
+        goes on) and report ``metrics["skipped"] = 1`` (and ``metrics["nonfinite"]``). Also costs a
+        select per parameter. Off by default; without it a NaN propagates into the parameters.
       donate: donate the input state to the output.
       mesh: shard the batch over ``data_axis`` of this mesh and replicate the state (data parallel:
         XLA averages the gradients across devices). The loss is the mean over the global batch, so
@@ -134,8 +151,9 @@ def make_train_step(
 
     Returns:
       The jitted step. ``metrics`` holds the scalar ``loss`` (and ``grad_norm`` when asked,
-      ``skipped`` with ``skip_nonfinite``). x0 and x1 must be floating point arrays of the same
-      shape [batch, *dims]; bfloat16 and float16 batches are upcast to float32 inside the step
+      ``nonfinite`` with ``check_finite`` or ``skip_nonfinite``, ``skipped`` with
+      ``skip_nonfinite``). x0 and x1 must be floating point arrays of the same shape
+      [batch, *dims]; bfloat16 and float16 batches are upcast to float32 inside the step
       (integer data is refused with a TypeError: convert it, scaled as the model expects). For
       bfloat16 computation in the model, wrap ``apply_fn`` with ``fmjax.models.mixed_precision``.
     """
@@ -177,12 +195,19 @@ def make_train_step(
             key=key,
         )
         metrics = {"loss": loss}
-        if log_grad_norm or skip_nonfinite:
+        if log_grad_norm or check_finite or skip_nonfinite:
             grad_norm = optax.global_norm(grads)
         if log_grad_norm:
             metrics["grad_norm"] = grad_norm
+        if check_finite or skip_nonfinite:
+            nonfinite = (
+                jnp.where(jnp.isfinite(loss), 0, NONFINITE_LOSS)
+                + jnp.where(jnp.isfinite(grad_norm), 0, NONFINITE_GRADIENT)
+                + jnp.where(_all_finite((params, opt_state)), 0, NONFINITE_STATE)
+            ).astype(jnp.int32)
+            metrics["nonfinite"] = nonfinite
         if skip_nonfinite:
-            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            ok = nonfinite == 0
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
             new_state = dataclasses.replace(
                 new_state,

@@ -163,3 +163,42 @@ def test_half_precision_batches_are_upcast_in_the_step():
         results.append((float(metrics["loss"]), state))
     assert results[0][0] == results[1][0]
     assert results[0][1].params["out"]["kernel"].dtype == jnp.float32
+
+
+def _sqrt_model(params, t, x):
+    # value 0 but an infinite gradient at params = 0 (d sqrt(|p|) / dp); finite anywhere else
+    return jnp.broadcast_to(jnp.sqrt(jnp.abs(params)), x.shape)
+
+
+@pytest.mark.parametrize(
+    ("apply_fn", "params", "optimizer", "x1", "expected"),
+    [
+        (constant_model, jnp.zeros(2), optax.sgd(1e-2), jnp.ones((16, 2)), 0),
+        (constant_model, jnp.zeros(2), optax.sgd(1e-2), jnp.ones((16, 2)).at[3, 1].set(jnp.nan), 1 | 2 | 4),
+        (_sqrt_model, jnp.zeros(2), optax.adam(1e-2), jnp.ones((16, 2)), 2 | 4),  # finite loss, inf gradient
+        (constant_model, jnp.zeros(2), optax.sgd(1e38), jnp.full((16, 2), 3e3), 4),  # the update overflows
+    ],
+    ids=["finite", "nan-data", "inf-gradient", "overflowing-update"],
+)
+@pytest.mark.parametrize("skip", [False, True], ids=["check", "skip"])
+def test_check_finite_reports_what_went_nonfinite(apply_fn, params, optimizer, x1, expected, skip):
+    """Bits of metrics["nonfinite"]: 1 loss, 2 gradient norm, 4 the updated parameters or optimiser
+    state. With skip_nonfinite a flagged step leaves params, optimiser state and EMA as they were."""
+    state = TrainState.create(params=params, optimizer=optimizer, key=jax.random.key(0))
+    step = make_train_step(
+        apply_fn, optimizer, path=Linear(), check_finite=not skip, skip_nonfinite=skip, donate=False
+    )
+    new, metrics = step(state, jnp.zeros((16, 2)), x1)
+    assert int(metrics["nonfinite"]) == expected
+    assert bool(jnp.isfinite(metrics["loss"])) == (expected & 1 == 0)
+    assert int(new.step) == 1
+    kept = (new.params, new.opt_state, new.ema_params), (state.params, state.opt_state, state.ema_params)
+    if skip:
+        assert int(metrics["skipped"]) == (expected != 0)
+        if expected:  # the step left the state as it was
+            for a, b in zip(*map(jax.tree.leaves, kept), strict=True):
+                np.testing.assert_array_equal(a, b)
+    else:
+        assert "skipped" not in metrics
+    finite = all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(kept[0]) if x.dtype != jnp.int32)
+    assert finite == (skip or expected & 4 == 0)
