@@ -5,12 +5,13 @@
  *
  * An epsilon-scaling auction (float32, SIMD row scans) finds near-optimal column duals fast; the
  * Jonker-Volgenant shortest augmenting path phase (float64 arithmetic) then makes the assignment
- * exactly optimal for the given costs. The auction stops at eps = final_ratio * max(cost) / (n + 1),
- * dividing eps by theta per phase.
+ * exactly optimal for the given costs. The auction stops at eps = final_ratio * (max(cost) - min(cost))
+ * / (n + 1), or 16 float32 ulps of max |cost| if larger, dividing eps by theta per phase.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <float.h>
+#include <math.h>
 #include <stdlib.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -166,13 +167,18 @@ static int lap(int n, const float *c, int *rowsol, double final_ratio, double th
     int ok = colsol && freerows && collist && pred && v && d && vf;
     if (!ok) goto done;
 
-    float cmax = 0.0f;
+    float cmax = -FLT_MAX, cmin = FLT_MAX;
     for (size_t k = 0; k < (size_t)n * n; k++) {
         if (!(c[k] <= FLT_MAX && c[k] >= -FLT_MAX)) { ok = -1; goto done; } /* NaN or inf */
         if (c[k] > cmax) cmax = c[k];
+        if (c[k] < cmin) cmin = c[k];
     }
-    float eps_final = (float)(cmax * final_ratio / (n + 1)) + FLT_MIN;
-    auction(n, c, rowsol, colsol, vf, freerows, cmax / 4 + eps_final, eps_final, (float)theta);
+    /* eps scales with the costs' range; it never falls below a few float32 ulps of their magnitude,
+     * where a bid would leave the price unchanged and tied rows would outbid each other forever */
+    double range = (double)cmax - (double)cmin, magnitude = fabs(cmax) > fabs(cmin) ? fabs(cmax) : fabs(cmin);
+    double eps_relative = range * final_ratio / (n + 1), eps_ulps = 16.0 * FLT_EPSILON * magnitude;
+    float eps_final = (float)(eps_relative > eps_ulps ? eps_relative : eps_ulps) + FLT_MIN;
+    auction(n, c, rowsol, colsol, vf, freerows, (float)(range / 4) + eps_final, eps_final, (float)theta);
     for (int j = 0; j < n; j++) v[j] = vf[j];
 
     int numfree = 0;
