@@ -90,6 +90,11 @@ class HostPairs:
     solve per step of the global batch, spread over ``threads`` host threads. With several processes the
     steps are dealt round-robin to the processes and the answers exchanged, so each global batch is
     solved once in the whole run, not once per process or device.
+
+    A failed solve never raises on a worker thread: each solve returns a status code (the coupling's
+    ``solve_host_status``, or ``solve_host`` with its exception caught), the codes are exchanged with
+    the answers, and ``solve`` raises one RuntimeError in the calling thread, on every process, naming
+    the first failed step and the cause.
     """
 
     def __init__(self, coupling: Any, *, threads: int | None = None):
@@ -98,33 +103,75 @@ class HostPairs:
         self.busy_seconds = 0.0  # wall time spent in ``solve`` so far (inputs' copy to the host included)
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="fmjax-coupling")
 
-    def solve(self, inputs: tuple) -> np.ndarray:
+    def solve(self, inputs: tuple, *, first_step: int | None = None) -> np.ndarray:
+        """``j`` of shape [n, batch] for the n steps of ``inputs``; ``first_step`` (the training step of
+        ``inputs[k][0]``) only names the step in the error raised when a solve fails."""
         start = time.perf_counter()
         try:
-            return self._solve(inputs)
+            return self._solve(inputs, first_step)
         finally:
             self.busy_seconds += time.perf_counter() - start
 
-    def _solve(self, inputs: tuple) -> np.ndarray:
+    def _solve(self, inputs: tuple, first_step: int | None) -> np.ndarray:
         arrays = tuple(_to_host(a) for a in inputs)
         n = arrays[0].shape[0]
         processes, rank = jax.process_count(), jax.process_index()
         mine = range(rank, n, processes)
-        futures = [self._pool.submit(self.coupling.solve_host, tuple(a[k] for a in arrays)) for k in mine]
+        futures = [self._pool.submit(_solve_one, self.coupling, tuple(a[k] for a in arrays)) for k in mine]
         solved = [f.result() for f in futures]
-        if processes == 1:
-            return np.stack(solved)
-        from jax.experimental import multihost_utils
+        batch = arrays[0].shape[1]
+        j = np.zeros((n, batch), np.int32)
+        codes = np.zeros(n, np.int32)
+        reasons = {}
+        for k, (jk, code, reason) in zip(mine, solved, strict=True):
+            j[k], codes[k] = jk, code
+            reasons[k] = reason
+        if processes > 1:
+            from jax.experimental import multihost_utils
 
-        local = np.zeros((n, arrays[0].shape[1]), np.int32)
-        for k, j in zip(mine, solved, strict=True):
-            local[k] = j
-        gathered = np.asarray(multihost_utils.process_allgather(local))  # [processes, n, batch]
-        return np.stack([gathered[k % processes, k] for k in range(n)])
+            gathered_j, gathered_codes = (
+                np.asarray(a) for a in multihost_utils.process_allgather((j, codes))
+            )  # [processes, n, batch], [processes, n]
+            j = np.stack([gathered_j[k % processes, k] for k in range(n)])
+            codes = np.array([gathered_codes[k % processes, k] for k in range(n)], np.int32)
+        failed = np.flatnonzero(codes)
+        if failed.size:
+            k = int(failed[0])
+            step = (
+                f"step {first_step + k}" if first_step is not None else f"step {k + 1} of {n} in this chunk"
+            )
+            reason = reasons.get(k) or _describe(self.coupling, int(codes[k]))
+            raise RuntimeError(
+                f"{type(self.coupling).__name__} coupling: the host solve of {step} failed: {reason}"
+                + (f" ({failed.size} of {n} steps failed)" if failed.size > 1 else "")
+            )
+        return j
 
     def close(self) -> None:
         """Release the threads."""
         self._pool.shutdown(wait=True)
+
+
+def _describe(coupling: Any, code: int) -> str:
+    from fmjax.couplings import HOST_STATUS
+
+    return HOST_STATUS.get(code, f"status code {code}")
+
+
+def _solve_one(coupling: Any, inputs: tuple) -> tuple[np.ndarray, int, str | None]:
+    """``(j, code, reason)`` for one step; never raises (``reason`` is None unless an exception says it)."""
+    n = int(np.shape(inputs[0])[0])
+    try:
+        if hasattr(coupling, "solve_host_status"):
+            j, code = coupling.solve_host_status(inputs)
+        else:
+            j, code = coupling.solve_host(inputs), 0
+        j = np.asarray(j, np.int32)
+        if j.shape != (n,):
+            return np.arange(n, dtype=np.int32), 2, f"the solve returned shape {j.shape}, not ({n},)"
+        return j, int(code), None
+    except Exception as error:  # raised in the calling thread by ``HostPairs.solve``
+        return np.arange(n, dtype=np.int32), 2, f"{type(error).__name__}: {error}"
 
 
 def _to_host(array: Any) -> np.ndarray:

@@ -5,6 +5,14 @@ the coupled pairs are ``(x0[i], x1[j])``, so labels or conditions attached to ei
 the same indexing. Couplings are static pytrees (frozen dataclasses holding only hyperparameters) and
 are jit-able.
 
+Every coupling also reports whether its solver succeeded:
+``coupling.apply_with_status(key, x0, x1) -> (x0[i], x1[j], (i, j), status)``, where ``status`` is a
+dict of two scalar arrays, ``"coupling_converged"`` (bool) and ``"coupling_error"`` (float32: the
+Sinkhorn plan's marginal error; 0.0 for the independent coupling; 0.0 for the exact coupling when its
+host solve succeeded and inf when it failed). Under ``jit`` the status is the only report; called
+eagerly, a Sinkhorn coupling that did not converge warns (``CouplingWarning``) and an exact coupling
+whose host solve failed raises.
+
 >>> import jax, jax.numpy as jnp
 >>> from fmjax.couplings import independent
 >>> i, j = independent()(jax.random.key(0), jnp.zeros((3, 2)), jnp.ones((3, 2)))
@@ -16,6 +24,9 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
+import warnings
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +36,7 @@ from fmjax._checks import check_batch, check_choice, check_finite, check_int, ch
 
 __all__ = [
     "Coupling",
+    "CouplingWarning",
     "Independent",
     "Exact",
     "Sinkhorn",
@@ -42,9 +54,100 @@ __all__ = [
 
 SCOPES = ("local", "global")
 
+# Sinkhorn's cap on iterations (ott-jax counts them in int32).
+MAX_SINKHORN_ITERATIONS = 10**9
+
+
+class CouplingWarning(RuntimeWarning):
+    """Warned when a coupling called eagerly (outside ``jit``) did not converge; its pairs still come back.
+
+    Make it an error with ``warnings.simplefilter("error", fmjax.couplings.CouplingWarning)``.
+    """
+
+
+Status = dict[str, jax.Array]
+
+
+def _status(converged: Any, error: Any) -> Status:
+    """``apply_with_status``'s status: ``coupling_converged`` (bool), ``coupling_error`` (float32)."""
+    return {
+        "coupling_converged": jnp.asarray(converged, jnp.bool_),
+        "coupling_error": jnp.asarray(error, jnp.float32),
+    }
+
+
+def _scalar(name: str, value: Any) -> Any:
+    """A numpy scalar or concrete 0-d array as the Python number it holds; bools refused."""
+    if isinstance(value, bool | np.bool_) or getattr(value, "dtype", None) == np.bool_:
+        raise TypeError(f"{name} must be a number, not a bool; got {value!r}")
+    if isinstance(value, np.floating):
+        return float(str(value))  # np.float32(0.1) is 0.1, not 0.10000000149011612
+    if isinstance(value, np.generic):
+        return value.item()
+    if hasattr(value, "dtype") and hasattr(value, "shape"):
+        if value.shape != ():
+            raise TypeError(f"{name} must be a scalar; got an array of shape {value.shape}")
+        if isinstance(value, jax.core.Tracer):
+            raise TypeError(f"{name} is a hyperparameter and must be a concrete number, not a traced array")
+        return np.asarray(value).item()
+    return value
+
+
+def _real(name: str, value: Any, **bounds: Any) -> float:
+    return check_real(name, _scalar(name, value), **bounds)
+
+
+def _int(name: str, value: Any, **bounds: Any) -> int:
+    return int(check_int(name, _scalar(name, value), **bounds))
+
+
+def _check_key(key: Any) -> None:
+    """Raise a TypeError unless ``key`` is a PRNG key: a typed key array of shape () or a raw uint32 [2]."""
+    dtype = getattr(key, "dtype", None)
+    shape = getattr(key, "shape", None)
+    if dtype is not None:
+        typed = jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+        if (typed and shape == ()) or (not typed and dtype == np.uint32 and shape == (2,)):
+            return
+    got = f"an array of shape {shape} and dtype {dtype}" if dtype is not None else repr(key)[:80]
+    raise TypeError(
+        f"key must be a PRNG key of shape () made by jax.random.key(seed) (or a PRNGKey); got {got}"
+    )
+
+
+def _check_pair(x0: Any, x1: Any) -> None:
+    """Shapes and dtypes at trace time; values (finite) when concrete."""
+    check_batch("x0", x0)
+    check_batch("x1", x1)
+    if x0.shape[0] != x1.shape[0]:
+        raise ValueError(
+            f"x0 and x1 must have the same batch size; got x0 of shape {tuple(x0.shape)} "
+            f"and x1 of shape {tuple(x1.shape)}"
+        )
+    if x0.shape != x1.shape:
+        raise ValueError(
+            f"x0 and x1 must have the same shape [n, *dims]; got x0 of shape {tuple(x0.shape)} "
+            f"and x1 of shape {tuple(x1.shape)}"
+        )
+    if x0.shape[0] == 0:
+        raise ValueError(f"x0 and x1 must hold at least one sample; got shape {tuple(x0.shape)}")
+    if np.prod(x0.shape[1:]) == 0:
+        raise ValueError(f"x0 and x1 must hold at least one value per sample; got shape {tuple(x0.shape)}")
+    check_finite("x0", x0)
+    check_finite("x1", x1)
+
+
+def _traced(*values: Any) -> bool:
+    """Whether any leaf of ``values`` is a tracer (inside jit, vmap, grad or shard_map)."""
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(values))
+
 
 class Coupling(abc.ABC):
     """Base class of couplings: ``__call__(key, x0, x1) -> (i, j)``.
+
+    ``x0`` and ``x1`` are float arrays of the same shape [n, *dims], n >= 1; ``i``, ``j`` are int32 of
+    shape [n]. A new coupling implements ``pairs``; ``__call__``, ``apply`` and ``apply_with_status`` add
+    the input checks, the gather and the status (always converged unless the subclass reports one).
 
     ``scope`` says what a coupling sees when the batch is sharded over devices: "local" couples each
     device's shard on its own, "global" couples the whole global batch.
@@ -57,22 +160,65 @@ class Coupling(abc.ABC):
     def pairs(self, key: jax.Array, x0: jax.Array, x1: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Return (i, j) for a single, unsharded batch; subclasses implement this."""
 
+    def _pairs_with_details(self, key, x0, x1) -> tuple[jax.Array, jax.Array, Status, dict[str, jax.Array]]:
+        """``(i, j, status, details)``: ``details`` holds scalars the eager report names (e.g. iterations)."""
+        i, j = self.pairs(key, x0, x1)
+        return i, j, _status(True, 0.0), {}
+
+    def _gather(self, x0, x1, i, j):
+        return x0[i], x1[j]
+
+    def _check_inputs(self, key, x0, x1) -> None:
+        _check_pair(x0, x1)
+        if self.uses_key:
+            if key is None:
+                raise ValueError(f"key is required: the {type(self).__name__} coupling draws random numbers")
+            _check_key(key)
+
+    def _report(self, status: Status, details: dict[str, jax.Array]) -> None:
+        """Eagerly (concrete status) warn or raise when the solver failed; under a trace do nothing."""
+        converged = status["coupling_converged"]
+        if not _traced(converged) and not bool(converged):
+            self._failed(float(status["coupling_error"]), {k: np.asarray(v) for k, v in details.items()})
+
+    def _failed(self, error: float, details: dict[str, np.ndarray]) -> None:
+        warnings.warn(
+            f"{self!r} did not converge (error {error:.3g}); its pairs may be far from the coupling's",
+            CouplingWarning,
+            stacklevel=5,
+        )
+
+    def _run(self, key, x0, x1):
+        self._check_inputs(key, x0, x1)
+        i, j, status, details = self._pairs_with_details(key, x0, x1)
+        self._report(status, details)
+        return i, j, status
+
     def __call__(self, key: jax.Array, x0: jax.Array, x1: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Couple the batches ``x0`` and ``x1`` (shape [n, *dims] each); return (i, j) of shape [n]."""
-        check_batch("x0", x0)
-        check_batch("x1", x1)
-        check_finite("x0", x0)
-        check_finite("x1", x1)
-        if x0.shape[0] != x1.shape[0]:
-            raise ValueError(f"x0 and x1 must have the same batch size; got {x0.shape[0]} and {x1.shape[0]}")
-        return self.pairs(key, x0, x1)
+        i, j, _ = self._run(key, x0, x1)
+        return i, j
+
+    def apply_with_status(
+        self, key: jax.Array, x0: jax.Array, x1: jax.Array
+    ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array], Status]:
+        """Couple and gather: ``(x0[i], x1[j], (i, j), status)``.
+
+        ``status = {"coupling_converged": bool[], "coupling_error": float32[]}``: whether the solver
+        converged and its final error (Sinkhorn: the plan's marginal error
+        ``sum_i |sum_j P_ij - 1/n| + sum_j |sum_i P_ij - 1/n|``; exact: 0.0, or inf when the host
+        solve failed; independent: 0.0). jit-able; a step can put the status in its metrics.
+        """
+        i, j, status = self._run(key, x0, x1)
+        a, b = self._gather(x0, x1, i, j)
+        return a, b, (i, j), status
 
     def apply(
         self, key: jax.Array, x0: jax.Array, x1: jax.Array
     ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
         """Couple and gather: return ``(x0[i], x1[j], (i, j))``."""
-        i, j = self(key, x0, x1)
-        return x0[i], x1[j], (i, j)
+        a, b, pairs, _ = self.apply_with_status(key, x0, x1)
+        return a, b, pairs
 
 
 def _coupling_dataclass(cls):
@@ -94,10 +240,49 @@ class Independent(Coupling):
         idx = jnp.arange(x0.shape[0], dtype=jnp.int32)
         return idx, idx
 
-    def apply(self, key, x0, x1):
+    def _gather(self, x0, x1, i, j):
         # the pairs are the identity: skip the gather, which XLA would otherwise run as a copy
-        pairs = self(key, x0, x1)
-        return x0, x1, pairs
+        return x0, x1
+
+
+def _power_of_two_exponent(a: jax.Array, b: jax.Array) -> jax.Array:
+    """e with max(|a|, |b|) = m 2^e, m in [0.5, 1); 0 when the maximum is 0 or not finite."""
+    top = jnp.maximum(jnp.max(jnp.abs(a)), jnp.max(jnp.abs(b)))
+    _, e = jnp.frexp(top)
+    return jnp.where(jnp.isfinite(top) & (top > 0), e, 0)
+
+
+def _times_power_of_two(x: jax.Array, k: jax.Array) -> jax.Array:
+    """x 2^k, exact: two scalar factors 2^(k//2) and 2^(k - k//2), each a normal float for |k| <= 250."""
+    half = k // 2
+    return x * jnp.ldexp(jnp.ones((), x.dtype), half) * jnp.ldexp(jnp.ones((), x.dtype), k - half)
+
+
+def _normalised(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Centre two clouds [n, d] on their joint mean and scale them by a power of two: ``(a', b', k)``.
+
+    ``a' = (a - c) 2^k`` (likewise b') with max(|a'|, |b'|) in [0.5, 1), or 0 when all points coincide.
+    Squared distances and the optimal assignment are invariant to the translation; the costs scale by
+    4^k. Scaling by a power of two is exact in floating point, so for data of ordinary magnitude the
+    costs are bitwise 4^k times the unscaled ones; for data near the float32 range (1e30, 1e-30) it
+    keeps ``||a - b||^2`` from overflowing or underflowing. The first scaling, before centring, keeps
+    the joint mean's sum in range. (XLA flushes float32 subnormals, below 1.2e-38, to zero.)
+    """
+    e1 = _power_of_two_exponent(a, b)
+    a, b = _times_power_of_two(a, -e1), _times_power_of_two(b, -e1)
+    center = (jnp.sum(a, axis=0) + jnp.sum(b, axis=0)) / (a.shape[0] + b.shape[0])
+    a, b = a - center, b - center
+    e2 = _power_of_two_exponent(a, b)
+    return _times_power_of_two(a, -e2), _times_power_of_two(b, -e2), -(e1 + e2)
+
+
+def _centred_costs(a: jax.Array, b: jax.Array) -> jax.Array:
+    """||a_i - b_j||^2 for centred clouds [n, d], [m, d] at full float32 matmul precision, clipped at 0."""
+    # full float32 products: the default precision is TF32 on recent GPUs and one bf16 pass on TPUs,
+    # which would make the "exact" coupling exact for other costs than the batch's
+    cross = jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST)
+    cost = jnp.sum(a * a, axis=1)[:, None] + jnp.sum(b * b, axis=1)[None, :] - 2.0 * cross
+    return jnp.maximum(cost, 0.0)
 
 
 def squared_distances(x0: jax.Array, x1: jax.Array) -> jax.Array:
@@ -109,17 +294,20 @@ def squared_distances(x0: jax.Array, x1: jax.Array) -> jax.Array:
     a = x0.reshape(x0.shape[0], -1)
     b = x1.reshape(x1.shape[0], -1)
     center = (jnp.sum(a, axis=0) + jnp.sum(b, axis=0)) / (a.shape[0] + b.shape[0])
-    a, b = a - center, b - center
-    # full float32 products: the default precision is TF32 on recent GPUs and one bf16 pass on TPUs,
-    # which would make the "exact" coupling exact for other costs than the batch's
-    cross = jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST)
-    cost = jnp.sum(a * a, axis=1)[:, None] + jnp.sum(b * b, axis=1)[None, :] - 2.0 * cross
-    return jnp.maximum(cost, 0.0)
+    return _centred_costs(a - center, b - center)
 
 
 # Up to this many dimensions per sample the exact coupling sends the points to the host, which forms
 # the costs itself; above it the device builds the n x n cost matrix with a matrix product.
 POINTS_ON_HOST_MAX_DIM = 32
+
+# Status codes of the exact coupling's host solve.
+HOST_SOLVED, HOST_NOT_FINITE, HOST_SOLVER_FAILED = 0, 1, 2
+HOST_STATUS = {
+    HOST_SOLVED: "solved",
+    HOST_NOT_FINITE: "the inputs hold NaN or inf",
+    HOST_SOLVER_FAILED: "the assignment solver failed (out of memory, or it returned no permutation)",
+}
 
 
 def _host_assignment(cost):
@@ -142,14 +330,19 @@ class Exact(Coupling):
     the duals, then Jonker-Volgenant shortest augmenting paths, exact for the float32-rounded costs).
     The work is split in two so that a training loop can run it off the device's critical path:
     ``host_inputs(x0, x1)`` runs on the device (jit-able) and gives what the host needs, and
-    ``solve_host(inputs)`` runs on the host (numpy in, numpy out; the C solver releases the GIL, so
-    several solves run on threads in parallel). ``pairs`` chains the two through ``jax.pure_callback``,
-    so the coupling is also usable inside a jitted loss (``cfm_loss``, ``make_train_step``), where the
-    device waits for the solve; ``fmjax train`` instead solves batch k+1 while the device runs step k.
+    ``solve_host_status(inputs)`` runs on the host (numpy in, numpy out, never raises; the C solver
+    releases the GIL, so several solves run on threads in parallel). ``pairs`` chains the two through
+    ``jax.pure_callback``, so the coupling is also usable inside a jitted loss (``cfm_loss``,
+    ``make_train_step``), where the device waits for the solve; ``fmjax train`` instead solves batch
+    k+1 while the device runs step k.
 
-    For samples of at most 32 dimensions the host gets the centred points and forms the costs itself
-    (float64, rounded once); for larger ones the device builds the cost matrix at full float32
-    precision. Returns (arange(n), j): no x0 is duplicated or dropped.
+    The points are centred and scaled by a power of two first (the assignment is invariant to both),
+    so batches at 1e30 or 1e-30 are solved as the same batch at scale 1. For samples of at most 32
+    dimensions the host gets the points and forms the costs itself (float64, rounded once); for larger
+    ones the device builds the cost matrix at full float32 precision. Returns (arange(n), j): no x0 is
+    duplicated or dropped. When the host solve fails (NaN or inf in a traced batch) ``j = arange(n)``
+    and the status says ``coupling_converged = False``, ``coupling_error = inf``; called eagerly, such
+    a failure raises.
     """
 
     scope: str = "local"
@@ -159,28 +352,74 @@ class Exact(Coupling):
 
     def host_inputs(self, x0: jax.Array, x1: jax.Array) -> tuple[jax.Array, ...]:
         """What ``solve_host`` needs, computed on the device: the centred float32 points ``(a, b)`` of
-        shape [n, d] when d <= 32, else the float32 cost matrix ``(C,)`` of shape [n, n]."""
+        shape [n, d] when d <= 32, else the float32 cost matrix ``(C,)`` of shape [n, n]; both scaled
+        by a power of two so that max(|a|, |b|) lies in [0.5, 1)."""
         n = x0.shape[0]
-        a = x0.reshape(n, -1)
-        b = x1.reshape(n, -1)
+        a, b, _ = _normalised(x0.reshape(n, -1), x1.reshape(n, -1))
         if a.shape[1] <= POINTS_ON_HOST_MAX_DIM:
-            center = (jnp.sum(a, axis=0) + jnp.sum(b, axis=0)) / (2 * n)
-            return (a - center).astype(jnp.float32), (b - center).astype(jnp.float32)
-        return (squared_distances(x0, x1).astype(jnp.float32),)
+            return a.astype(jnp.float32), b.astype(jnp.float32)
+        return (_centred_costs(a, b).astype(jnp.float32),)
+
+    @staticmethod
+    def solve_host_status(inputs: tuple) -> tuple[np.ndarray, int]:
+        """``(j, code)`` from ``host_inputs``'s arrays, on the host; never raises.
+
+        ``j`` is the optimal column per row (int32, shape [n]) and code ``HOST_SOLVED`` (0); on failure
+        ``j = arange(n)`` and code ``HOST_NOT_FINITE`` (1) or ``HOST_SOLVER_FAILED`` (2).
+        """
+        n = int(np.shape(inputs[0])[0])
+        identity = np.arange(n, dtype=np.int32)
+        try:
+            arrays = [np.asarray(x, np.float32) for x in inputs]
+            if not all(np.isfinite(x).all() for x in arrays):
+                return identity, HOST_NOT_FINITE
+            if len(arrays) == 2:
+                j = _host_assignment_points(*arrays)
+            else:
+                j = _host_assignment(arrays[0])
+            j = np.asarray(j, np.int32)
+            if j.shape != (n,) or not np.array_equal(np.bincount(j, minlength=n), np.ones(n)):
+                return identity, HOST_SOLVER_FAILED
+            return j, HOST_SOLVED
+        except Exception:  # a callback must never raise: the status carries the failure
+            return identity, HOST_SOLVER_FAILED
 
     @staticmethod
     def solve_host(inputs: tuple) -> np.ndarray:
-        """The optimal ``j`` (int32, shape [n]) from ``host_inputs``'s arrays, on the host."""
-        if len(inputs) == 2:
-            return np.asarray(_host_assignment_points(*inputs), np.int32)
-        return np.asarray(_host_assignment(inputs[0]), np.int32)
+        """The optimal ``j`` (int32, shape [n]) from ``host_inputs``'s arrays, on the host.
+
+        Raises a ValueError naming the cause when the solve fails (for use outside callbacks).
+        """
+        j, code = Exact.solve_host_status(inputs)
+        if code != HOST_SOLVED:
+            raise ValueError(f"exact coupling: the host assignment solve failed: {HOST_STATUS[code]}")
+        return j
+
+    def _pairs_with_details(self, key, x0, x1):
+        n = x0.shape[0]
+        inputs = self.host_inputs(x0, x1)
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in inputs]))
+
+        def solve(*arrays):
+            j, code = self.solve_host_status(arrays)
+            return np.asarray(j, np.int32), np.asarray(code, np.int32)
+
+        shapes = (jax.ShapeDtypeStruct((n,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32))
+        j, code = jax.pure_callback(solve, shapes, *inputs, vmap_method="sequential")
+        # checked on the device too: a non-finite batch never counts as solved
+        code = jnp.where(finite, code, HOST_NOT_FINITE)
+        i = jnp.arange(n, dtype=jnp.int32)
+        j = jnp.where(code == HOST_SOLVED, j, i)
+        ok = code == HOST_SOLVED
+        return i, j, _status(ok, jnp.where(ok, 0.0, jnp.inf)), {"code": code}
 
     def pairs(self, key, x0, x1):
-        n = x0.shape[0]
-        out = jax.ShapeDtypeStruct((n,), jnp.int32)
-        inputs = self.host_inputs(x0, x1)
-        j = jax.pure_callback(lambda *arrays: self.solve_host(arrays), out, *inputs, vmap_method="sequential")
-        return jnp.arange(n, dtype=jnp.int32), j
+        i, j, _, _ = self._pairs_with_details(key, x0, x1)
+        return i, j
+
+    def _failed(self, error, details):
+        reason = HOST_STATUS.get(int(details.get("code", HOST_SOLVER_FAILED)), "unknown failure")
+        raise RuntimeError(f"exact coupling: the host assignment solve failed: {reason}")
 
 
 def sample_plan_rows(key: jax.Array, plan: jax.Array) -> jax.Array:
@@ -195,13 +434,31 @@ def sample_plan_rows(key: jax.Array, plan: jax.Array) -> jax.Array:
     return jnp.minimum(j, plan.shape[1] - 1).astype(jnp.int32)
 
 
+# Sinkhorn's epsilon, in units of the normalised cost scale, is kept in [2^-100, 2^100]: the
+# log-domain iterations then never meet cost / epsilon or potentials / epsilon beyond float32's range
+# (2^128). An epsilon asked below the range is solved at its floor and reported as not converged.
+_EPSILON_RANGE = 100
+
+
 @_coupling_dataclass
 class Sinkhorn(Coupling):
     """Entropic OT coupling with ott-jax's Sinkhorn; each x0[i] is paired with a draw from row i of the plan.
 
-    ``epsilon`` is the entropic regularisation: relative to the mean of the cost matrix when
-    ``relative_epsilon`` is True, absolute otherwise. ``threshold`` is Sinkhorn's marginal error
-    tolerance and ``max_iterations`` its iteration cap.
+    The plan is ``P = argmin_{P 1 = 1/n, P^T 1 = 1/n} <P, C> - epsilon H(P)`` for the squared distances
+    ``C_ij = ||x0[i] - x1[j]||^2``, computed in the log domain as ``log P_ij = (f_i + g_j - C_ij) / epsilon``
+    from Sinkhorn's potentials. ``epsilon`` is relative to the mean of C when ``relative_epsilon`` is True,
+    absolute (in the units of C) otherwise. ``threshold`` is the tolerance on the marginal error
+    ``sum_i |sum_j P_ij - 1/n| + sum_j |sum_i P_ij - 1/n|`` and ``max_iterations`` the iteration cap
+    (iterations run in blocks of min(10, max_iterations), more for caps above 10^5, with the error
+    checked after each block).
+
+    Numerics: the points are centred and scaled by a power of two (an absolute epsilon by its square),
+    which leaves the plan unchanged and keeps batches at 1e30 or 1e-30 in range; rows are sampled from
+    ``exp(log P_ij - max_j log P_ij)``, so no row is ever empty. ``apply_with_status`` reports the final
+    marginal error and ``coupling_converged = error < threshold``; if the plan holds NaN (a traced batch
+    with NaN), the pairs fall back to ``j = arange(n)`` with ``coupling_converged = False`` and
+    ``coupling_error = inf``. Called eagerly, a coupling that did not converge warns
+    (``CouplingWarning``) naming epsilon, the iterations run and the error.
     """
 
     epsilon: float = 0.05
@@ -212,32 +469,140 @@ class Sinkhorn(Coupling):
     uses_key: bool = dataclasses.field(default=True, init=False)
 
     def __post_init__(self):
-        check_real("epsilon", self.epsilon, low=0.0, low_inclusive=False)
-        check_int("max_iterations", self.max_iterations, low=1)
-        check_real("threshold", self.threshold, low=0.0, low_inclusive=False)
-        if not isinstance(self.relative_epsilon, bool):
+        set_field = lambda name, value: object.__setattr__(self, name, value)
+        set_field("epsilon", _real("epsilon", self.epsilon, low=0.0, low_inclusive=False))
+        set_field(
+            "max_iterations",
+            _int("max_iterations", self.max_iterations, low=1),
+        )
+        if self.max_iterations > MAX_SINKHORN_ITERATIONS:
+            raise ValueError(
+                f"max_iterations must be <= {MAX_SINKHORN_ITERATIONS}; got {self.max_iterations}"
+            )
+        set_field("threshold", _real("threshold", self.threshold, low=0.0, low_inclusive=False))
+        if not isinstance(self.relative_epsilon, bool | np.bool_):
             raise TypeError(f"relative_epsilon must be a bool; got {self.relative_epsilon!r}")
+        set_field("relative_epsilon", bool(self.relative_epsilon))
         check_choice("scope", self.scope, SCOPES)
 
-    def plan(self, x0: jax.Array, x1: jax.Array) -> jax.Array:
-        """The entropic transport plan between the two batches (uniform weights), shape [n, n]."""
-        from ott.geometry import pointcloud
+    @property
+    def inner_iterations(self) -> int:
+        """Iterations between two error checks: at most 10^4 checks, and never more than the cap."""
+        return min(self.max_iterations, max(10, -(-self.max_iterations // 10_000)))
+
+    def _solve(self, x0: jax.Array, x1: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """``log P`` of shape [n, n] and ``{"error", "iterations", "epsilon_floor", "fallback"}``."""
+        from ott.geometry import geometry
         from ott.problems.linear import linear_problem
         from ott.solvers.linear import sinkhorn
 
-        a = x0.reshape(x0.shape[0], -1)
-        b = x1.reshape(x1.shape[0], -1)
-        geom = pointcloud.PointCloud(
-            a, b, epsilon=self.epsilon, relative_epsilon="mean" if self.relative_epsilon else None
-        )
-        solver = sinkhorn.Sinkhorn(max_iterations=self.max_iterations, threshold=self.threshold)
-        return solver(linear_problem.LinearProblem(geom)).matrix
+        n = x0.shape[0]
+        a, b, k = _normalised(x0.reshape(n, -1), x1.reshape(n, -1))
+        cost = _centred_costs(a, b)
+        top = jnp.max(cost)
+        unit = jnp.where(top > 0, top, 1.0)
+        if self.relative_epsilon:
+            asked = self.epsilon * jnp.mean(cost)
+        else:
+            # epsilon 4^k as mantissa 2^(exponent + 2k): exact, and in range whenever the result is
+            # (an epsilon of 1e60 for costs of 1e60 is fine although neither fits float32)
+            mantissa, exponent = math.frexp(self.epsilon)
+            asked = _times_power_of_two(jnp.asarray(mantissa, cost.dtype), 2 * k + exponent)
+        low, high = unit * 2.0**-_EPSILON_RANGE, unit * 2.0**_EPSILON_RANGE
+        epsilon = jnp.clip(asked, low, high)
+        floor = (asked < low) & (top > 0)
 
-    def pairs(self, key, x0, x1):
+        geom = geometry.Geometry(cost_matrix=cost, epsilon=epsilon)
+        solver = sinkhorn.Sinkhorn(
+            max_iterations=self.max_iterations,
+            threshold=self.threshold,
+            inner_iterations=self.inner_iterations,
+            lse_mode=True,
+        )
+        out = solver(linear_problem.LinearProblem(geom))
+        log_plan = (out.f[:, None] + out.g[None, :] - cost) / epsilon
+        # the marginal error of the plan actually sampled (ott's own check can miss a divergence)
+        rows = jnp.exp(jax.nn.logsumexp(log_plan, axis=1))
+        cols = jnp.exp(jax.nn.logsumexp(log_plan, axis=0))
+        error = jnp.sum(jnp.abs(rows - 1.0 / n)) + jnp.sum(jnp.abs(cols - 1.0 / n))
+        fallback = ~(jnp.all(jnp.isfinite(log_plan)) & jnp.isfinite(error))
+        error = jnp.where(fallback, jnp.inf, error)
+        details = {
+            "error": error,
+            "iterations": jnp.asarray(out.n_iters, jnp.int32),
+            "epsilon_floor": floor,
+            "fallback": fallback,
+        }
+        return log_plan, details
+
+    def plan(self, x0: jax.Array, x1: jax.Array) -> jax.Array:
+        """The entropic transport plan between the two batches (uniform weights), shape [n, n].
+
+        Entries are ``exp(min(log P_ij, 0))`` (a plan's entries never exceed its total mass 1); when
+        the plan would hold NaN it is the fallback ``I / n``, the plan of the pairs ``j = arange(n)``.
+        """
+        if not _traced(x0, x1):  # eagerly: one compiled solve per coupling and shape, not one per call
+            return _jitted_solution(self, jax.random.key(0), x0, x1)[1]
+        return self._plan(*self._solve(x0, x1))
+
+    @staticmethod
+    def _plan(log_plan, details):
+        n = log_plan.shape[0]
+        plan = jnp.exp(jnp.minimum(log_plan, 0.0))
+        return jnp.where(details["fallback"], jnp.eye(n, dtype=plan.dtype) / n, plan)
+
+    def _pairs_with_details(self, key, x0, x1):
         if key is None:
             raise ValueError("key is required: the Sinkhorn coupling samples its plan")
-        j = sample_plan_rows(key, self.plan(x0, x1))
-        return jnp.arange(x0.shape[0], dtype=jnp.int32), j
+        if not _traced(key, x0, x1):
+            return _jitted_solution(self, key, x0, x1)[0]
+        return self._sample(key, *self._solve(x0, x1))
+
+    def _sample(self, key, log_plan, details):
+        """``(i, j, status, details)`` from ``_solve``'s solution: j_i drawn from row i of the plan."""
+        details = dict(details)
+        n = log_plan.shape[0]
+        i = jnp.arange(n, dtype=jnp.int32)
+        safe = jnp.where(details["fallback"], 0.0, log_plan)
+        weights = jnp.exp(safe - jnp.max(safe, axis=1, keepdims=True))  # each row's largest weight is 1
+        j = jnp.where(details["fallback"], i, sample_plan_rows(key, weights))
+        error = details.pop("error")
+        converged = (error < self.threshold) & ~details["epsilon_floor"] & ~details["fallback"]
+        return i, j, _status(converged, error), details
+
+    def pairs(self, key, x0, x1):
+        i, j, _, _ = self._pairs_with_details(key, x0, x1)
+        return i, j
+
+    def _failed(self, error, details):
+        kind = "relative to the mean cost" if self.relative_epsilon else "absolute"
+        notes = []
+        if details.get("epsilon_floor", False):
+            notes.append(
+                "epsilon is below 2^-100 of the largest cost, beyond float32's reach; solved at that floor"
+            )
+        if details.get("fallback", False):
+            notes.append("the plan held NaN; the pairs fell back to j = arange(n)")
+        note = f" ({'; '.join(notes)})" if notes else ""
+        warnings.warn(
+            f"Sinkhorn coupling did not converge: epsilon={self.epsilon:g} ({kind}), "
+            f"{int(details.get('iterations', -1))} iterations (max_iterations={self.max_iterations}), "
+            f"marginal error {error:.3g} >= threshold {self.threshold:g}{note}. The pairs come from the "
+            f"unconverged plan; raise epsilon or max_iterations, or use exact().",
+            CouplingWarning,
+            stacklevel=5,
+        )
+
+
+def _solution(coupling: Sinkhorn, key, x0, x1):
+    """``((i, j, status, details), plan)`` from one solve."""
+    log_plan, details = coupling._solve(x0, x1)
+    return coupling._sample(key, log_plan, details), coupling._plan(log_plan, details)
+
+
+# Eager Sinkhorn calls (pairs or plan) run through this, compiled once per coupling (a static pytree)
+# and shape: the solver's while loop would otherwise be traced and compiled anew on every call.
+_jitted_solution = jax.jit(_solution, static_argnums=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,28 +620,42 @@ class _OnMesh(Coupling):
     def pairs(self, key, x0, x1):
         return self.inner.pairs(key, x0, x1)
 
+    def _pairs_with_details(self, key, x0, x1):
+        return self.inner._pairs_with_details(key, x0, x1)
+
+    def _failed(self, error, details):
+        self.inner._failed(error, details)
+
     def _on_each_device(self, key, x0, x1, batch_spec, *, fold_in_device: bool = False):
-        """``inner.apply`` on every device, on the part of the batch ``batch_spec`` gives it.
+        """``inner``'s pairs, gather and status on every device, on the part of the batch ``batch_spec``
+        gives it; the status is reduced over the devices (converged on all of them, the largest error).
 
         Inside ``shard_map`` the solver runs with no collective; the key is replicated and, with
         ``fold_in_device``, folded with the device's index along ``axis``.
         """
         from jax.sharding import PartitionSpec
 
+        self._check_inputs(key, x0, x1)
+
         def body(key, x0, x1):
             if fold_in_device and key is not None:
                 key = jax.random.fold_in(key, jax.lax.axis_index(self.axis))
-            a, b, (i, j) = self.inner.apply(key, x0, x1)
-            return a, b, i, j
+            i, j, status, details = self.inner._pairs_with_details(key, x0, x1)
+            a, b = self.inner._gather(x0, x1, i, j)
+            # one entry per device along the axis, reduced outside
+            return a, b, i, j, jax.tree.map(lambda v: v[None], (status, details))
 
-        a, b, i, j = jax.shard_map(
+        a, b, i, j, (status, details) = jax.shard_map(
             body,
             mesh=self.mesh,
             in_specs=(PartitionSpec(), batch_spec, batch_spec),
-            out_specs=(batch_spec,) * 4,
+            out_specs=(batch_spec,) * 4 + (PartitionSpec(self.axis),),
             check_vma=False,
         )(key, x0, x1)
-        return a, b, (i, j)
+        status = _status(jnp.all(status["coupling_converged"]), jnp.max(status["coupling_error"]))
+        details = {name: jnp.max(value) for name, value in details.items()}
+        self._report(status, details)
+        return a, b, (i, j), status
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,14 +664,15 @@ class PerShard(_OnMesh):
 
     Built by ``make_train_step`` for a coupling with ``scope="local"`` when it is given a mesh; each
     shard draws from its own key (the shared key folded with the shard's index) and its pairs index
-    into the shard, so the gathered pairs never cross devices, as in TorchCFM's DDP training.
+    into the shard, so the gathered pairs never cross devices, as in TorchCFM's DDP training. The
+    status is converged when every shard's is, with the largest error.
     """
 
     @property
     def scope(self) -> str:
         return "local"
 
-    def apply(self, key, x0, x1):
+    def apply_with_status(self, key, x0, x1):
         from jax.sharding import PartitionSpec
 
         return self._on_each_device(key, x0, x1, PartitionSpec(self.axis), fold_in_device=True)
@@ -307,25 +687,27 @@ class GlobalBatch(_OnMesh):
 
     Built by ``make_train_step`` for a coupling with ``scope="global"`` when it is given a mesh: the
     batch is gathered (replicated) before coupling, and the coupled batch is resharded over ``axis``,
-    so each device trains on its slice of globally coupled pairs.
+    so each device trains on its slice of globally coupled pairs. The status is reduced over the
+    devices as ``PerShard``'s (every device solves the same batch).
     """
 
     @property
     def scope(self) -> str:
         return "global"
 
-    def apply(self, key, x0, x1):
+    def apply_with_status(self, key, x0, x1):
         from jax.sharding import NamedSharding, PartitionSpec
 
         sharded = NamedSharding(self.mesh, PartitionSpec(self.axis))
         # The batch is gathered once; then every device couples the whole batch on its own, with no
         # collective inside the solver (left to the partitioner, Sinkhorn's loop and the exact
         # assignment's host callback were split over the devices and paid a collective per iteration).
-        a, b, pairs = self._on_each_device(key, x0, x1, PartitionSpec())
+        a, b, pairs, status = self._on_each_device(key, x0, x1, PartitionSpec())
         return (
             jax.lax.with_sharding_constraint(a, sharded),
             jax.lax.with_sharding_constraint(b, sharded),
             pairs,
+            status,
         )
 
 
@@ -350,7 +732,11 @@ def sinkhorn(
     threshold: float = 1e-3,
     scope: str = "local",
 ) -> Sinkhorn:
-    """Return the entropic OT coupling; ``epsilon`` is relative to the mean cost unless told otherwise."""
+    """Return the entropic OT coupling; ``epsilon`` is relative to the mean cost unless told otherwise.
+
+    Numbers may be Python or numpy scalars (``np.float32(0.1)``, ``np.int64(500)``); bools, NaN and inf
+    are refused with the argument named.
+    """
     return Sinkhorn(
         epsilon=epsilon,
         relative_epsilon=relative_epsilon,
@@ -365,11 +751,16 @@ def schrodinger_bridge(
 ) -> Sinkhorn:
     """Return SB-CFM's coupling: entropic OT with absolute epsilon = 2 sigma^2 on squared distances.
 
-    Pair it with ``fmjax.paths.SchrodingerBridge(sigma=sigma)``; for sigma = 0 use ``exact()``.
+    Pair it with ``fmjax.paths.SchrodingerBridge(sigma=sigma)``; for sigma = 0 use ``exact()``. A sigma
+    so small against the batch's spread that Sinkhorn cannot converge is reported (status, or a
+    ``CouplingWarning`` when called eagerly), not hidden.
     """
-    sigma = check_real("sigma", sigma, low=0.0, low_inclusive=False)
+    sigma = _real("sigma", sigma, low=0.0, low_inclusive=False)
+    epsilon = 2.0 * sigma * sigma  # a product, not sigma**2, which raises OverflowError for a huge sigma
+    if epsilon == 0.0 or not np.isfinite(epsilon):
+        raise ValueError(f"sigma must give a positive, finite epsilon = 2 sigma^2; got sigma={sigma!r}")
     return Sinkhorn(
-        epsilon=2 * sigma**2,
+        epsilon=epsilon,
         relative_epsilon=False,
         max_iterations=max_iterations,
         threshold=threshold,

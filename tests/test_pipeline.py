@@ -42,7 +42,10 @@ def test_exact_host_inputs_use_full_float32_products():
     (cost,) = exact().host_inputs(x0, x1)
     a, b = np.asarray(x0, np.float64), np.asarray(x1, np.float64)
     expected = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
-    np.testing.assert_allclose(np.asarray(cost), expected, rtol=1e-5)
+    # the points are scaled by a power of two 2^k (max |coordinate| in [0.5, 1)), the costs by 4^k
+    exponent = np.log2(expected[0, 0] / float(cost[0, 0])) / 2
+    assert exponent == pytest.approx(round(exponent), abs=1e-4)
+    np.testing.assert_allclose(np.asarray(cost) * 4.0 ** round(exponent), expected, rtol=1e-5)
 
 
 def test_prefetcher_keeps_order_and_raises_the_producers_error():
