@@ -3,7 +3,9 @@
 A save copies the state to host memory before it returns; with ``wait=False`` the write to disk goes on
 in the background while training continues, and the next ``save``, ``wait()`` or ``close()`` reports its
 outcome. Only committed checkpoints are listed, and nothing already committed is renamed, moved or
-deleted by a failed write.
+deleted by a failed write, nor by a stray entry of the directory (an unknown folder or file, a file or
+empty folder named like a step, a temporary folder left by a killed write): only a checkpoint that fails
+to read is set aside, as ``<step>.corrupt``.
 
 >>> import tempfile, jax.numpy as jnp
 >>> from fmjax.checkpoint import Checkpointer
@@ -20,6 +22,7 @@ import contextlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import jax
@@ -75,19 +78,38 @@ class Checkpointer:
     Every method is called by all processes of a multi-process run alike; orbax writes each array once.
 
     Args:
-      directory: where the step folders go; created if missing.
+      directory: where the step folders go; created if missing (unless ``read_only``).
       max_to_keep: how many of the newest checkpoints to keep (None keeps all). The older ones are
         deleted only after a newer one has been committed.
+      read_only: only read: nothing is created, saved, renamed or deleted (``save`` raises
+        ValueError; ``restore_latest_good`` reports unreadable checkpoints without setting them
+        aside), so a reader may run beside a training run writing the same directory.
+
+    Raises:
+      NotADirectoryError: ``directory`` is a file (or a link to one), not a directory.
+      OSError: the directory cannot be created or listed (permissions).
     """
 
-    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3):
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, read_only: bool = False):
         if max_to_keep is not None:
             check_int("max_to_keep", max_to_keep, low=1)
         self.directory = os.path.abspath(os.fspath(directory))
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        self.read_only = bool(read_only)
+        if os.path.lexists(self.directory) and not os.path.isdir(self.directory):
+            raise NotADirectoryError(
+                f"checkpoint directory {self.directory} is not a directory (a file or a broken link is in "
+                "its place); move it away, nothing there was changed"
+            )
+        options = (
+            ocp.CheckpointManagerOptions(read_only=True)
+            if self.read_only
+            else ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
         )
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+        except OSError as error:  # permissions, a vanished parent: one line, not orbax's stack
+            reason = _reason(error, 200)
+            raise OSError(f"cannot open checkpoint directory {self.directory} ({reason})") from None
         self._pending: int | None = None  # the step being written in the background
         self._reported = False  # a failed write was raised as OSError already
 
@@ -109,18 +131,26 @@ class Checkpointer:
             checkpoints already written are intact: [...]")``. Committed checkpoints are never
             renamed, moved or deleted by it; the temporary folder of step N is removed, and a step
             folder N renamed into place but never completed is kept as ``N.corrupt``.
+          - An entry named ``N`` that is not a committed checkpoint (a file, a link, a folder without
+            a checkpoint in it), which orbax would delete to make room, is renamed ``N.corrupt``
+            first: nothing in the directory is deleted by a save.
 
         Raises:
-          ValueError: ``step`` is negative, or already a committed checkpoint (never overwritten).
+          ValueError: ``step`` is negative, or already a committed checkpoint (never overwritten), or
+            this Checkpointer is read-only.
           OSError: this write, or the pending one, failed.
         """
         check_int("step", step, low=0)
+        if self.read_only:
+            raise ValueError(f"this Checkpointer of {self.directory} is read-only: it saves nothing")
         self.wait()
         if step in self.all_steps():
             raise ValueError(
                 f"step must not be one of the saved steps {self.all_steps()} (a checkpoint is never "
                 f"overwritten); got {step}"
             )
+        if jax.process_index() == 0 and os.path.lexists(self._step_path(step)):
+            self._set_aside(step)  # orbax removes what is in the way of a save
         try:
             saved = self._manager.save(step, args=ocp.args.StandardSave(_to_storable(state)), force=True)
         except Exception as error:  # a full disk, a quota, a vanished directory: tensorstore and orbax errors
@@ -171,7 +201,8 @@ class Checkpointer:
 
         A save still written in the background is listed once ``wait()`` or the next ``save`` has
         confirmed it; while it is pending, the checkpoints it will retire (``max_to_keep``) are not
-        listed either, though still on disk until it commits.
+        listed either, though still on disk until it commits. Listed means a folder with a step's
+        name, as orbax lists them: whether it reads back is known only when it is read.
         """
         return sorted(s for s in self._manager.all_steps() if s != self._pending)
 
@@ -200,18 +231,28 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
         return _from_storable(restored, target)
 
-    def restore_latest_good(self, target: Any) -> tuple[Any, int | None, list[tuple[int, str]]]:
+    def restore_latest_good(
+        self, target: Any, *, accept: Callable[[Any, int], str | None] | None = None
+    ) -> tuple[Any, int | None, list[tuple[int, str]]]:
         """Restore the newest checkpoint that reads back; set aside the ones that do not.
 
         Returns ``(state, step, skipped)``: ``state`` is ``target`` and ``step`` None when no
-        checkpoint reads back; ``skipped`` lists (step, reason) for every unreadable checkpoint, newest
-        first, each renamed to ``<step>.corrupt`` (kept, never deleted) so that training can write that
-        step again.
+        checkpoint reads back; ``skipped`` lists (step, reason) for every checkpoint set aside, each
+        renamed to ``<step>.corrupt`` (kept, never deleted) so that training can write that step
+        again: the newer ones that failed to read, newest first, then the older ones that hold no data
+        (an empty folder named like a step). With ``read_only`` nothing is renamed and ``skipped``
+        lists the newer ones that failed to read.
+
+        ``accept(state, step)`` (optional, process 0) may refuse a checkpoint that reads back by
+        returning the reason (e.g. it holds another step than its name says); it is then treated as
+        unreadable.
 
         Guarantees:
-          - Only a checkpoint whose read fails is set aside: the one restored and all older ones are
-            left as they are. A read that fails because ``target``'s structure or shapes differ from a
-            checkpoint's raises ValueError instead, and nothing is renamed.
+          - Only a checkpoint whose read fails (or that ``accept`` refuses) is set aside: the one
+            restored is left as it is, and so is every older one that holds data.
+          - A checkpoint whose structure or shapes differ from ``target``'s is set aside only when an
+            older one fits ``target`` (it belongs to something else); when none fits, ``target`` is
+            at fault: ValueError, and nothing is renamed.
           - With several processes, process 0 alone tries the candidates and renames; the others wait
             for its choice (a broadcast, sent after its renames), then read that step, and every process
             returns the same ``step`` and ``skipped``. If the chosen step does not read back on some
@@ -219,11 +260,11 @@ class Checkpointer:
         """
         self.wait()
         if jax.process_count() == 1:
-            return self._first_readable(target)
+            return self._first_readable(target, accept)
         decision = None
         if jax.process_index() == 0:
             try:
-                state, step, skipped = self._first_readable(target)
+                state, step, skipped = self._first_readable(target, accept)
                 decision = {"step": step, "skipped": skipped}
             except Exception as error:  # broadcast it: the other processes wait for a decision
                 decision = {"error": str(error), "value_error": isinstance(error, ValueError)}
@@ -253,18 +294,51 @@ class Checkpointer:
             ) from failure
         return state, step, skipped
 
-    def _first_readable(self, target: Any) -> tuple[Any, int | None, list[tuple[int, str]]]:
+    def _first_readable(
+        self, target: Any, accept: Callable[[Any, int], str | None] | None
+    ) -> tuple[Any, int | None, list[tuple[int, str]]]:
         """Process 0's decision: ``(state, step, skipped)`` of the newest step that reads into ``target``
-        (``target`` and None if none does); each newer one that fails to read is set aside."""
-        skipped = []
+        (``target`` and None if none does); see ``restore_latest_good``."""
+        failed, misfit = [], None
         for step in reversed(self.all_steps()):
             try:
-                return self._read_alone(target, step), step, skipped
+                state = self._read_alone(target, step)
             except Exception as error:  # any failure to read: truncated, partial or garbled files
-                self._check_fits(step, target)
-                skipped.append((step, _reason(error, 200)))
+                mismatch = self._misfit(step, target)
+                if mismatch is not None:
+                    misfit = misfit or mismatch
+                    failed.append((step, f"its structure or shapes differ from this state's: {mismatch[1]}"))
+                else:
+                    failed.append((step, _reason(error, 200)))
+                continue
+            refused = accept(state, step) if accept is not None else None
+            if refused is not None:
+                failed.append((step, refused))
+                continue
+            self._set_aside_all(failed)
+            return state, step, failed + self._set_aside_empty(below=step)
+        if misfit is not None:  # nothing fits: the target, not the checkpoints, is at fault
+            raise ValueError(misfit[0])
+        self._set_aside_all(failed)
+        return target, None, failed
+
+    def _set_aside_all(self, failed: list[tuple[int, str]]) -> None:
+        if not self.read_only:
+            for step, _ in failed:
                 self._set_aside(step)
-        return target, None, skipped
+
+    def _set_aside_empty(self, below: int) -> list[tuple[int, str]]:
+        """Set aside the listed steps older than ``below`` whose folder holds no checkpoint data (an empty
+        folder named like a step): orbax would count them among the checkpoints it keeps."""
+        if self.read_only:
+            return []
+        empty = []
+        for step in self.all_steps():
+            item = self._item_path(step)
+            if step < below and not (os.path.isdir(item) and os.listdir(item)):
+                empty.append((step, "it holds no checkpoint data"))
+        self._set_aside_all(empty)
+        return empty
 
     def _read_alone(self, target: Any, step: int) -> Any:
         """Read step ``step`` into ``target`` as ``restore`` does, by this process alone: orbax's handler,
@@ -278,16 +352,19 @@ class Checkpointer:
         return _from_storable(restored, target)
 
     def _item_path(self, step: int) -> epath.Path:
-        return epath.Path(self.directory) / str(step) / DEFAULT_ITEM_NAME
+        return epath.Path(self._step_path(step)) / DEFAULT_ITEM_NAME
 
-    def _check_fits(self, step: int, target: Any) -> None:
-        """Raise ValueError if step ``step``'s stored tree is readable and differs from ``target`` in
-        structure or shapes: then ``target``, not the checkpoint, is at fault."""
+    def _step_path(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def _misfit(self, step: int, target: Any) -> tuple[str, str] | None:
+        """(message, short reason) if step ``step``'s stored tree is readable and differs from ``target``
+        in structure or shapes; None if it fits or its metadata does not read."""
         handler = ocp.PyTreeCheckpointHandler()
         try:
             stored = ocp.tree.to_flat_dict(handler.metadata(self._item_path(step)).tree)
         except Exception:  # unreadable metadata: the checkpoint is at fault
-            return
+            return None
         finally:
             handler.close()
         wanted = ocp.tree.to_flat_dict(_to_storable(target))
@@ -295,13 +372,16 @@ class Checkpointer:
             have = tuple(stored[key].shape) if hasattr(stored.get(key), "shape") else "missing"
             want = np.shape(wanted[key]) if key in wanted else "missing"
             if have != want:
-                raise ValueError(
+                short = f"{'/'.join(key)} is {want} in target, {have} in the checkpoint"
+                return (
                     f"target must have the structure and shapes of checkpoint {step} in {self.directory}: "
-                    f"{'/'.join(key)} is {want} in target, {have} in the checkpoint; nothing was set aside"
+                    f"{short}; nothing was set aside",
+                    short,
                 )
+        return None
 
     def _set_aside(self, step: int) -> None:
-        source = os.path.join(self.directory, str(step))
+        source = self._step_path(step)
         destination = source + ".corrupt"
         suffix = 1
         while os.path.exists(destination):
