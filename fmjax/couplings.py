@@ -18,6 +18,9 @@ whose host solve failed raises.
 >>> i, j = independent()(jax.random.key(0), jnp.zeros((3, 2)), jnp.ones((3, 2)))
 >>> i.tolist(), j.tolist()
 ([0, 1, 2], [0, 1, 2])
+>>> _, _, _, status = independent().apply_with_status(None, jnp.zeros((3, 2)), jnp.ones((3, 2)))
+>>> bool(status["coupling_converged"]), float(status["coupling_error"])
+(True, 0.0)
 """
 
 from __future__ import annotations
