@@ -2,56 +2,68 @@
 
 Probability paths (``fmjax.paths``), minibatch couplings (``fmjax.couplings``), the pure CFM loss
 (``fmjax.losses``), a jitted training step (``fmjax.training``), diffrax sampling
-(``fmjax.sampling``), log-likelihoods (``fmjax.likelihood``), metrics, checkpoints, data and Flax models.
+(``fmjax.sampling``), log-likelihoods (``fmjax.likelihood``), metrics, reflow, checkpoints, data and
+Flax models.
+
+The names below are imported on first use (``fmjax.sample`` imports ``fmjax.sampling`` and diffrax
+then), so ``import fmjax`` and the ``fmjax`` command start without loading every dependency.
 """
 
-from fmjax.checkpoint import Checkpointer
-from fmjax.couplings import Coupling, exact, independent, schrodinger_bridge, sinkhorn
-from fmjax.likelihood import LikelihoodResult, bits_per_dim, log_likelihood
-from fmjax.losses import LossAux, cfm_loss
-from fmjax.metrics import normalized_path_energy, path_energy, wasserstein2
-from fmjax.paths import (
-    AffinePath,
-    CondOT,
-    Linear,
-    PathSample,
-    SchrodingerBridge,
-    VariancePreserving,
-    VPDiffusion,
-)
-from fmjax.sampling import SampleResult, Trajectory, as_velocity, sample
-from fmjax.training import TrainState, logit_normal, make_train_step, uniform
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AffinePath",
-    "LikelihoodResult",
-    "bits_per_dim",
-    "exact",
-    "log_likelihood",
-    "schrodinger_bridge",
-    "sinkhorn",
-    "Checkpointer",
-    "CondOT",
-    "Coupling",
-    "Linear",
-    "LossAux",
-    "PathSample",
-    "SampleResult",
-    "SchrodingerBridge",
-    "Trajectory",
-    "TrainState",
-    "VPDiffusion",
-    "VariancePreserving",
-    "as_velocity",
-    "cfm_loss",
-    "independent",
-    "logit_normal",
-    "make_train_step",
-    "normalized_path_energy",
-    "path_energy",
-    "sample",
-    "uniform",
-    "wasserstein2",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    "Checkpointer": "fmjax.checkpoint",
+    "Coupling": "fmjax.couplings",
+    "exact": "fmjax.couplings",
+    "independent": "fmjax.couplings",
+    "schrodinger_bridge": "fmjax.couplings",
+    "sinkhorn": "fmjax.couplings",
+    "LikelihoodResult": "fmjax.likelihood",
+    "bits_per_dim": "fmjax.likelihood",
+    "log_likelihood": "fmjax.likelihood",
+    "LossAux": "fmjax.losses",
+    "cfm_loss": "fmjax.losses",
+    "crossing_fraction": "fmjax.metrics",
+    "normalized_path_energy": "fmjax.metrics",
+    "path_energy": "fmjax.metrics",
+    "straightness": "fmjax.metrics",
+    "wasserstein2": "fmjax.metrics",
+    "AffinePath": "fmjax.paths",
+    "CondOT": "fmjax.paths",
+    "Linear": "fmjax.paths",
+    "PathSample": "fmjax.paths",
+    "SchrodingerBridge": "fmjax.paths",
+    "VariancePreserving": "fmjax.paths",
+    "VPDiffusion": "fmjax.paths",
+    "ReflowPairs": "fmjax.reflow",
+    "reflow_pairs": "fmjax.reflow",
+    "SampleResult": "fmjax.sampling",
+    "Trajectory": "fmjax.sampling",
+    "as_velocity": "fmjax.sampling",
+    "sample": "fmjax.sampling",
+    "TrainState": "fmjax.training",
+    "logit_normal": "fmjax.training",
+    "make_train_step": "fmjax.training",
+    "uniform": "fmjax.training",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fmjax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

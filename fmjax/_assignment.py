@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import ot
 
 try:
     from fmjax import _lap
@@ -17,6 +16,8 @@ HAVE_NATIVE = _lap is not None
 
 def solve_assignment_pot(cost: np.ndarray) -> np.ndarray:
     """Optimal columns for each row with POT's network simplex (float64)."""
+    import ot  # POT pulls in scikit-learn: imported only where the C solver is missing
+
     n = cost.shape[0]
     weights = np.full(n, 1.0 / n)
     plan = ot.emd(weights, weights, np.asarray(cost, np.float64), numItermax=max(100_000, 50 * n * n))

@@ -11,13 +11,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import ot
 
 from fmjax import _assignment
 from fmjax._checks import check_real, is_traced
+from fmjax._straightness import crossing_fraction, straightness
 from fmjax.sampling import Trajectory
 
-__all__ = ["wasserstein2", "path_energy", "normalized_path_energy"]
+__all__ = ["wasserstein2", "path_energy", "normalized_path_energy", "straightness", "crossing_fraction"]
 
 
 def wasserstein2(x: jax.Array | np.ndarray, y: jax.Array | np.ndarray) -> float:
@@ -39,11 +39,19 @@ def wasserstein2(x: jax.Array | np.ndarray, y: jax.Array | np.ndarray) -> float:
         if x.shape[1] <= 32:
             cols = _assignment.solve_assignment_points(x, y)
         else:
-            cols = _assignment.solve_assignment(ot.dist(x, y, metric="sqeuclidean"))
+            cols = _assignment.solve_assignment(_squared_distances(x, y))
         return float(np.sqrt(np.mean(np.sum(np.square(x - y[cols]), axis=1))))
-    cost = ot.dist(x, y, metric="sqeuclidean")
+    import ot  # POT (and the scikit-learn it imports) only for clouds of different sizes
+
+    cost = _squared_distances(x, y)
     a, b = np.full(len(x), 1 / len(x)), np.full(len(y), 1 / len(y))
     return float(np.sqrt(max(ot.emd2(a, b, cost, numItermax=10_000_000), 0.0)))
+
+
+def _squared_distances(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """||x_i - y_j||^2 in float64, [n, m]."""
+    cost = np.sum(x * x, axis=1)[:, None] + np.sum(y * y, axis=1)[None, :] - 2.0 * x @ y.T
+    return np.maximum(cost, 0.0)
 
 
 def path_energy(trajectory: Trajectory) -> jax.Array:

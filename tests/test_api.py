@@ -17,6 +17,8 @@ MODULES = [
     "fmjax.data",
     "fmjax.models",
     "fmjax.runs",
+    "fmjax.reflow",
+    "fmjax.data.pairs",
 ]
 
 
