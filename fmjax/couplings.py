@@ -13,6 +13,13 @@ host solve succeeded and inf when it failed). Under ``jit`` the status is the on
 eagerly, a Sinkhorn coupling that did not converge warns (``CouplingWarning``) and an exact coupling
 whose host solve failed raises.
 
+Label-aware couplings (``exact(by_label=True)``, ``sinkhorn(..., by_label=True)``,
+``schrodinger_bridge(..., by_label=True)``) pair only within a class: every call takes the integer
+class labels as keywords, ``coupling(key, x0, x1, labels1=y1)`` (x1's labels alone) or
+``labels0=y0, labels1=y1`` (both sides); see ``Exact`` for what happens when the class counts of the
+two sides differ. ``apply_with_cond(key, x0, x1, cond, ...)`` also moves a condition (any pytree with
+the batch as leading axis of its leaves, paired with x1) by the same j index: ``cond[j]``.
+
 >>> import jax, jax.numpy as jnp
 >>> from fmjax.couplings import independent
 >>> i, j = independent()(jax.random.key(0), jnp.zeros((3, 2)), jnp.ones((3, 2)))
@@ -35,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax._checks import check_batch, check_choice, check_finite, check_int, check_real, lookup
+from fmjax._checks import check_batch, check_bool, check_choice, check_finite, check_int, check_real, lookup
 
 __all__ = [
     "Coupling",
@@ -51,6 +58,7 @@ __all__ = [
     "GlobalBatch",
     "sample_plan_rows",
     "squared_distances",
+    "check_cond",
     "COUPLINGS",
     "make_coupling",
 ]
@@ -145,6 +153,45 @@ def _traced(*values: Any) -> bool:
     return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(values))
 
 
+def check_cond(name: str, cond: Any, n: int) -> None:
+    """Check that every leaf of the pytree ``cond`` is an array whose leading axis is the batch, ``n``.
+
+    Raises a ValueError naming the leaf (``cond['label']``) and its shape, or a TypeError for a leaf
+    that is not an array (a Python number, a string) or a ``cond`` without leaves.
+    """
+    leaves = jax.tree_util.tree_leaves_with_path(cond)
+    if not leaves:
+        raise TypeError(f"{name} must be a pytree of arrays of shape [batch, ...]; got {cond!r:.80}")
+    for where, leaf in leaves:
+        label = name + jax.tree_util.keystr(where)
+        if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype") or isinstance(leaf, np.generic):
+            raise TypeError(
+                f"{label} must be an array with the batch ({n}) as leading axis; got {type(leaf).__name__}"
+            )
+        if len(leaf.shape) == 0 or leaf.shape[0] != n:
+            raise ValueError(
+                f"{label} must have the batch ({n}) as leading axis, [batch, ...] = ({n}, ...); "
+                f"got shape {tuple(leaf.shape)}"
+            )
+
+
+def _check_labels(name: str, labels: Any, n: int) -> jax.Array:
+    """``labels`` as int32 [n] after checking it holds integer class ids >= 0 (values when concrete)."""
+    what = f"{name} must be an integer array of class labels of shape [n] = ({n},)"
+    if not hasattr(labels, "shape") or not hasattr(labels, "dtype"):
+        raise TypeError(f"{what}; got {type(labels).__name__}")
+    dtype = jnp.dtype(labels.dtype)
+    if dtype == jnp.bool_ or not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(f"{what}; got dtype {dtype} (convert class ids with .astype(jnp.int32))")
+    if tuple(labels.shape) != (n,):
+        raise ValueError(f"{what}; got shape {tuple(labels.shape)}")
+    if not _traced(labels):
+        low = int(np.min(np.asarray(labels)))
+        if low < 0:
+            raise ValueError(f"{name} must hold class ids >= 0; got {low}")
+    return jnp.asarray(labels, jnp.int32)
+
+
 class Coupling(abc.ABC):
     """Base class of couplings: ``__call__(key, x0, x1) -> (i, j)``.
 
@@ -158,18 +205,50 @@ class Coupling(abc.ABC):
 
     scope: str = "local"
     uses_key: bool = False  # whether the coupling draws random numbers (else key may be None)
+    by_label: bool = False  # whether the coupling takes class labels and pairs only within a class
 
     @abc.abstractmethod
     def pairs(self, key: jax.Array, x0: jax.Array, x1: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Return (i, j) for a single, unsharded batch; subclasses implement this."""
 
-    def _pairs_with_details(self, key, x0, x1) -> tuple[jax.Array, jax.Array, Status, dict[str, jax.Array]]:
-        """``(i, j, status, details)``: ``details`` holds scalars the eager report names (e.g. iterations)."""
+    def _pairs_with_details(
+        self, key, x0, x1, labels=None
+    ) -> tuple[jax.Array, jax.Array, Status, dict[str, jax.Array]]:
+        """``(i, j, status, details)``: ``details`` holds scalars the eager report names (e.g. iterations).
+
+        ``labels`` is ``(labels0, labels1)`` (int32 [n] each) for a ``by_label`` coupling, else None.
+        """
         i, j = self.pairs(key, x0, x1)
         return i, j, _status(True, 0.0), {}
 
     def _gather(self, x0, x1, i, j):
         return x0[i], x1[j]
+
+    def _gather_cond(self, cond, j):
+        return jax.tree.map(lambda leaf: leaf[j], cond)
+
+    def _labels(self, x0, labels0, labels1) -> tuple[jax.Array, jax.Array] | None:
+        """``(labels0, labels1)`` (int32 [n]) for a ``by_label`` coupling, None otherwise; checked.
+
+        With ``labels1`` alone, x0[i] takes the class of x1[i] (see ``Exact``).
+        """
+        if not self.by_label:
+            if labels0 is not None or labels1 is not None:
+                raise ValueError(
+                    f"labels0/labels1 are given, but {self!r} was built without by_label=True and would "
+                    "ignore them; build it with by_label=True (e.g. exact(by_label=True)) to pair "
+                    "within classes"
+                )
+            return None
+        n = x0.shape[0]
+        if labels1 is None:
+            raise ValueError(
+                f"labels1 is required: {type(self).__name__} was built with by_label=True and pairs "
+                f"within classes; pass x1's integer class labels, labels1 of shape [n] = ({n},)"
+            )
+        labels1 = _check_labels("labels1", labels1, n)
+        labels0 = labels1 if labels0 is None else _check_labels("labels0", labels0, n)
+        return labels0, labels1
 
     def _check_inputs(self, key, x0, x1) -> None:
         _check_pair(x0, x1)
@@ -191,19 +270,40 @@ class Coupling(abc.ABC):
             stacklevel=5,
         )
 
-    def _run(self, key, x0, x1):
+    def _run(self, key, x0, x1, labels0=None, labels1=None):
         self._check_inputs(key, x0, x1)
-        i, j, status, details = self._pairs_with_details(key, x0, x1)
+        labels = self._labels(x0, labels0, labels1)
+        if labels is None:
+            i, j, status, details = self._pairs_with_details(key, x0, x1)
+        else:
+            i, j, status, details = self._pairs_with_details(key, x0, x1, labels)
         self._report(status, details)
         return i, j, status
 
-    def __call__(self, key: jax.Array, x0: jax.Array, x1: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Couple the batches ``x0`` and ``x1`` (shape [n, *dims] each); return (i, j) of shape [n]."""
-        i, j, _ = self._run(key, x0, x1)
+    def __call__(
+        self,
+        key: jax.Array,
+        x0: jax.Array,
+        x1: jax.Array,
+        *,
+        labels0: jax.Array | None = None,
+        labels1: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """Couple the batches ``x0`` and ``x1`` (shape [n, *dims] each); return (i, j) of shape [n].
+
+        ``labels0``/``labels1`` (integer class ids of shape [n]) only for a ``by_label`` coupling.
+        """
+        i, j, _ = self._run(key, x0, x1, labels0, labels1)
         return i, j
 
     def apply_with_status(
-        self, key: jax.Array, x0: jax.Array, x1: jax.Array
+        self,
+        key: jax.Array,
+        x0: jax.Array,
+        x1: jax.Array,
+        *,
+        labels0: jax.Array | None = None,
+        labels1: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array], Status]:
         """Couple and gather: ``(x0[i], x1[j], (i, j), status)``.
 
@@ -211,17 +311,59 @@ class Coupling(abc.ABC):
         converged and its final error (Sinkhorn: the plan's marginal error
         ``sum_i |sum_j P_ij - 1/n| + sum_j |sum_i P_ij - 1/n|``; exact: 0.0, or inf when the host
         solve failed; independent: 0.0). jit-able; a step can put the status in its metrics.
+        ``labels0``/``labels1`` as for ``__call__``.
         """
-        i, j, status = self._run(key, x0, x1)
+        i, j, status = self._run(key, x0, x1, labels0, labels1)
         a, b = self._gather(x0, x1, i, j)
         return a, b, (i, j), status
 
     def apply(
-        self, key: jax.Array, x0: jax.Array, x1: jax.Array
+        self,
+        key: jax.Array,
+        x0: jax.Array,
+        x1: jax.Array,
+        *,
+        labels0: jax.Array | None = None,
+        labels1: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
         """Couple and gather: return ``(x0[i], x1[j], (i, j))``."""
-        a, b, pairs, _ = self.apply_with_status(key, x0, x1)
+        a, b, pairs, _ = self.apply_with_status(key, x0, x1, **_given(labels0=labels0, labels1=labels1))
         return a, b, pairs
+
+    def apply_with_cond(
+        self,
+        key: jax.Array,
+        x0: jax.Array,
+        x1: jax.Array,
+        cond: Any,
+        *,
+        labels0: jax.Array | None = None,
+        labels1: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array, Any, tuple[jax.Array, jax.Array], Status]:
+        """Couple and gather, moving a condition with x1: ``(x0[i], x1[j], cond[j], (i, j), status)``.
+
+        ``cond`` is any pytree whose leaves have the batch as leading axis (class labels [n], features
+        [n, k], ...), paired with x1; ``cond[j]`` means ``jax.tree.map(lambda c: c[j], cond)``. On a
+        mesh (``PerShard``, ``GlobalBatch``) the gather runs on the devices with the pairs.
+
+        >>> import jax.numpy as jnp
+        >>> from fmjax.couplings import exact
+        >>> x1 = jnp.array([[2.0], [0.0], [1.0]])
+        >>> _, x1c, cond, _, _ = exact().apply_with_cond(None, jnp.array([[0.0], [1.0], [2.0]]), x1,
+        ...                                                {"row": jnp.arange(3)})
+        >>> x1c[:, 0].tolist(), cond["row"].tolist()  # cond["row"] still names x1c's row of x1
+        ([0.0, 1.0, 2.0], [1, 2, 0])
+        """
+        check_batch("x1", x1)
+        check_cond("cond", cond, x1.shape[0])
+        given = _given(labels0=labels0, labels1=labels1)
+        a, b, (i, j), status = self.apply_with_status(key, x0, x1, **given)
+        return a, b, self._gather_cond(cond, j), (i, j), status
+
+
+def _given(**kwargs: Any) -> dict[str, Any]:
+    """The keyword arguments that are not None (so couplings that take no labels are called as before)."""
+    return {name: value for name, value in kwargs.items() if value is not None}
 
 
 def _coupling_dataclass(cls):
@@ -246,6 +388,9 @@ class Independent(Coupling):
     def _gather(self, x0, x1, i, j):
         # the pairs are the identity: skip the gather, which XLA would otherwise run as a copy
         return x0, x1
+
+    def _gather_cond(self, cond, j):
+        return cond
 
 
 def _power_of_two_exponent(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -325,6 +470,47 @@ def _host_assignment_points(x0, x1):
     return solve_assignment_points(x0, x1)
 
 
+def _host_costs(arrays: list[np.ndarray]) -> np.ndarray:
+    """The [n, n] squared distances of the points ``(a, b)`` (float64), or the cost matrix ``(C,)``."""
+    if len(arrays) == 1:
+        return arrays[0].astype(np.float64)
+    a, b = (x.astype(np.float64) for x in arrays)
+    cost = np.sum(a * a, axis=1)[:, None] + np.sum(b * b, axis=1)[None, :] - 2.0 * (a @ b.T)
+    return np.maximum(cost, 0.0)
+
+
+def _host_assignment_by_label(
+    arrays: list[np.ndarray], labels0: np.ndarray, labels1: np.ndarray
+) -> np.ndarray:
+    """Optimal ``j`` pairing x0[i] only with x1 of class labels0[i] (``Exact`` with ``by_label``).
+
+    Equal class counts: one assignment per class, on the rows and columns of that class. Unequal
+    counts: one assignment of the whole batch with every cross-class cost raised by 2 n max(C) + 1.
+    """
+    n = labels0.shape[0]
+    classes0, counts0 = np.unique(labels0, return_counts=True)
+    classes1, counts1 = np.unique(labels1, return_counts=True)
+    if not (np.array_equal(classes0, classes1) and np.array_equal(counts0, counts1)):
+        cost = _host_costs(arrays)
+        penalty = 2.0 * n * float(np.max(cost, initial=0.0)) + 1.0
+        return _host_assignment(cost + penalty * (labels0[:, None] != labels1[None, :]))
+    rows_by_class = np.argsort(labels0, kind="stable")
+    cols_by_class = np.argsort(labels1, kind="stable")
+    j = np.empty(n, np.int32)
+    start = 0
+    for count in counts0:
+        rows = rows_by_class[start : start + count]
+        cols = cols_by_class[start : start + count]
+        start += count
+        if count == 1:
+            j[rows] = cols
+        elif len(arrays) == 2:
+            j[rows] = cols[_host_assignment_points(arrays[0][rows], arrays[1][cols])]
+        else:
+            j[rows] = cols[_host_assignment(arrays[0][np.ix_(rows, cols)])]
+    return j
+
+
 @_coupling_dataclass
 class Exact(Coupling):
     """Exact minibatch optimal transport (OT-CFM): the permutation minimising sum_i ||x0[i] - x1[j_i]||^2.
@@ -346,37 +532,70 @@ class Exact(Coupling):
     duplicated or dropped. When the host solve fails (NaN or inf in a traced batch) ``j = arange(n)``
     and the status says ``coupling_converged = False``, ``coupling_error = inf``; called eagerly, such
     a failure raises.
+
+    With ``by_label=True`` every call takes integer class labels (``labels1=``, and optionally
+    ``labels0=``) and x0[i] is paired only with an x1 of its class, optimally within each class: the
+    host solves one assignment per class (cheaper than one of the whole batch). With x1's labels
+    alone, x0[i] takes the class of x1[i]: x0's rows are independent draws of the source, so this
+    splits them at random into groups of the class counts, and the source seen by each class stays
+    the source distribution (what sampling with a class condition starts from; a split chosen by cost
+    would bias each class's noise toward its data). With both sides' labels and the same count of
+    every class, no pair crosses classes. When the counts differ a permutation cannot stay within
+    classes: each cross-class cost is raised by ``2 n max(C) + 1`` (more than any within-class
+    assignment costs), so the result pairs as few samples across classes as the counts allow (the
+    surplus of each class) and is optimal among such permutations, up to the float32 rounding of the
+    raised costs.
     """
 
     scope: str = "local"
+    by_label: bool = False
 
     def __post_init__(self):
         check_choice("scope", self.scope, SCOPES)
+        object.__setattr__(self, "by_label", check_bool("by_label", self.by_label))
 
-    def host_inputs(self, x0: jax.Array, x1: jax.Array) -> tuple[jax.Array, ...]:
+    def host_inputs(
+        self,
+        x0: jax.Array,
+        x1: jax.Array,
+        labels0: jax.Array | None = None,
+        labels1: jax.Array | None = None,
+    ) -> tuple[jax.Array, ...]:
         """What ``solve_host`` needs, computed on the device: the centred float32 points ``(a, b)`` of
         shape [n, d] when d <= 32, else the float32 cost matrix ``(C,)`` of shape [n, n]; both scaled
-        by a power of two so that max(|a|, |b|) lies in [0.5, 1)."""
+        by a power of two so that max(|a|, |b|) lies in [0.5, 1). With ``by_label`` the int32 labels
+        ``(labels0, labels1)`` (shape [n] each; labels0 = labels1 when not given) follow:
+        ``(a, b, labels0, labels1)`` or ``(C, labels0, labels1)``."""
+        labels = self._labels(x0, labels0, labels1)
         n = x0.shape[0]
         a, b, _ = _normalised(x0.reshape(n, -1), x1.reshape(n, -1))
         if a.shape[1] <= POINTS_ON_HOST_MAX_DIM:
-            return a.astype(jnp.float32), b.astype(jnp.float32)
-        return (_centred_costs(a, b).astype(jnp.float32),)
+            inputs = (a.astype(jnp.float32), b.astype(jnp.float32))
+        else:
+            inputs = (_centred_costs(a, b).astype(jnp.float32),)
+        return inputs if labels is None else inputs + labels
 
     @staticmethod
     def solve_host_status(inputs: tuple) -> tuple[np.ndarray, int]:
         """``(j, code)`` from ``host_inputs``'s arrays, on the host; never raises.
 
         ``j`` is the optimal column per row (int32, shape [n]) and code ``HOST_SOLVED`` (0); on failure
-        ``j = arange(n)`` and code ``HOST_NOT_FINITE`` (1) or ``HOST_SOLVER_FAILED`` (2).
+        ``j = arange(n)`` and code ``HOST_NOT_FINITE`` (1) or ``HOST_SOLVER_FAILED`` (2). Inputs with
+        labels (a ``by_label`` coupling's: four arrays, or three with a cost matrix) are solved within
+        classes.
         """
         n = int(np.shape(inputs[0])[0])
         identity = np.arange(n, dtype=np.int32)
         try:
+            labels = None
+            if len(inputs) in (3, 4):
+                labels, inputs = tuple(np.asarray(x) for x in inputs[-2:]), inputs[:-2]
             arrays = [np.asarray(x, np.float32) for x in inputs]
             if not all(np.isfinite(x).all() for x in arrays):
                 return identity, HOST_NOT_FINITE
-            if len(arrays) == 2:
+            if labels is not None:
+                j = _host_assignment_by_label(arrays, *labels)
+            elif len(arrays) == 2:
                 j = _host_assignment_points(*arrays)
             else:
                 j = _host_assignment(arrays[0])
@@ -398,10 +617,11 @@ class Exact(Coupling):
             raise ValueError(f"exact coupling: the host assignment solve failed: {HOST_STATUS[code]}")
         return j
 
-    def _pairs_with_details(self, key, x0, x1):
+    def _pairs_with_details(self, key, x0, x1, labels=None):
         n = x0.shape[0]
-        inputs = self.host_inputs(x0, x1)
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in inputs]))
+        inputs = self.host_inputs(x0, x1) if labels is None else self.host_inputs(x0, x1, *labels)
+        points = inputs if labels is None else inputs[:-2]
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in points]))
 
         def solve(*arrays):
             j, code = self.solve_host_status(arrays)
@@ -462,6 +682,14 @@ class Sinkhorn(Coupling):
     with NaN), the pairs fall back to ``j = arange(n)`` with ``coupling_converged = False`` and
     ``coupling_error = inf``. Called eagerly, a coupling that did not converge warns
     (``CouplingWarning``) naming epsilon, the iterations run and the error.
+
+    With ``by_label=True`` every call takes integer class labels (``labels1=``, optionally
+    ``labels0=``; x0[i] takes the class of x1[i] when only x1's are given, as for ``Exact``). Each
+    cross-class cost is raised by ``2 max(C) + 100 epsilon`` (epsilon as computed from the unraised
+    costs), which leaves at most ``e^-100`` of the mass across classes when the class counts agree:
+    the plan is then the entropic plan of each class on its own (with the batch's epsilon). Each row
+    is sampled only among the columns of its class (when x1 has one of that class), so no pair
+    crosses classes; with unequal counts some x1 of a class are drawn more often than others.
     """
 
     epsilon: float = 0.05
@@ -469,6 +697,7 @@ class Sinkhorn(Coupling):
     max_iterations: int = 2000
     threshold: float = 1e-3
     scope: str = "local"
+    by_label: bool = False
     uses_key: bool = dataclasses.field(default=True, init=False)
 
     def __post_init__(self):
@@ -487,13 +716,14 @@ class Sinkhorn(Coupling):
             raise TypeError(f"relative_epsilon must be a bool; got {self.relative_epsilon!r}")
         set_field("relative_epsilon", bool(self.relative_epsilon))
         check_choice("scope", self.scope, SCOPES)
+        set_field("by_label", check_bool("by_label", self.by_label))
 
     @property
     def inner_iterations(self) -> int:
         """Iterations between two error checks: at most 10^4 checks, and never more than the cap."""
         return min(self.max_iterations, max(10, -(-self.max_iterations // 10_000)))
 
-    def _solve(self, x0: jax.Array, x1: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def _solve(self, x0: jax.Array, x1: jax.Array, labels=None) -> tuple[jax.Array, dict[str, jax.Array]]:
         """``log P`` of shape [n, n] and ``{"error", "iterations", "epsilon_floor", "fallback"}``."""
         from ott.geometry import geometry
         from ott.problems.linear import linear_problem
@@ -514,6 +744,9 @@ class Sinkhorn(Coupling):
         low, high = unit * 2.0**-_EPSILON_RANGE, unit * 2.0**_EPSILON_RANGE
         epsilon = jnp.clip(asked, low, high)
         floor = (asked < low) & (top > 0)
+        if labels is not None:
+            across = labels[0][:, None] != labels[1][None, :]
+            cost = jnp.where(across, cost + (2.0 * top + 100.0 * epsilon), cost)
 
         geom = geometry.Geometry(cost_matrix=cost, epsilon=epsilon)
         solver = sinkhorn.Sinkhorn(
@@ -538,15 +771,24 @@ class Sinkhorn(Coupling):
         }
         return log_plan, details
 
-    def plan(self, x0: jax.Array, x1: jax.Array) -> jax.Array:
+    def plan(
+        self,
+        x0: jax.Array,
+        x1: jax.Array,
+        *,
+        labels0: jax.Array | None = None,
+        labels1: jax.Array | None = None,
+    ) -> jax.Array:
         """The entropic transport plan between the two batches (uniform weights), shape [n, n].
 
         Entries are ``exp(min(log P_ij, 0))`` (a plan's entries never exceed its total mass 1); when
         the plan would hold NaN it is the fallback ``I / n``, the plan of the pairs ``j = arange(n)``.
+        With ``by_label``, the plan of the raised cross-class costs (labels as for ``__call__``).
         """
-        if not _traced(x0, x1):  # eagerly: one compiled solve per coupling and shape, not one per call
-            return _jitted_solution(self, jax.random.key(0), x0, x1)[1]
-        return self._plan(*self._solve(x0, x1))
+        labels = self._labels(x0, labels0, labels1)
+        if not _traced(x0, x1, labels):  # eagerly: one compiled solve per coupling and shape
+            return _jitted_solution(self, jax.random.key(0), x0, x1, labels)[1]
+        return self._plan(*self._solve(x0, x1, labels))
 
     @staticmethod
     def _plan(log_plan, details):
@@ -554,19 +796,23 @@ class Sinkhorn(Coupling):
         plan = jnp.exp(jnp.minimum(log_plan, 0.0))
         return jnp.where(details["fallback"], jnp.eye(n, dtype=plan.dtype) / n, plan)
 
-    def _pairs_with_details(self, key, x0, x1):
+    def _pairs_with_details(self, key, x0, x1, labels=None):
         if key is None:
             raise ValueError("key is required: the Sinkhorn coupling samples its plan")
-        if not _traced(key, x0, x1):
-            return _jitted_solution(self, key, x0, x1)[0]
-        return self._sample(key, *self._solve(x0, x1))
+        if not _traced(key, x0, x1, labels):
+            return _jitted_solution(self, key, x0, x1, labels)[0]
+        return self._sample(key, *self._solve(x0, x1, labels), labels=labels)
 
-    def _sample(self, key, log_plan, details):
-        """``(i, j, status, details)`` from ``_solve``'s solution: j_i drawn from row i of the plan."""
+    def _sample(self, key, log_plan, details, labels=None):
+        """``(i, j, status, details)`` from ``_solve``'s solution: j_i drawn from row i of the plan
+        (with labels, among the columns of row i's class when there are any)."""
         details = dict(details)
         n = log_plan.shape[0]
         i = jnp.arange(n, dtype=jnp.int32)
         safe = jnp.where(details["fallback"], 0.0, log_plan)
+        if labels is not None:
+            same = labels[0][:, None] == labels[1][None, :]
+            safe = jnp.where(same | ~jnp.any(same, axis=1, keepdims=True), safe, -jnp.inf)
         weights = jnp.exp(safe - jnp.max(safe, axis=1, keepdims=True))  # each row's largest weight is 1
         j = jnp.where(details["fallback"], i, sample_plan_rows(key, weights))
         error = details.pop("error")
@@ -597,10 +843,10 @@ class Sinkhorn(Coupling):
         )
 
 
-def _solution(coupling: Sinkhorn, key, x0, x1):
+def _solution(coupling: Sinkhorn, key, x0, x1, labels=None):
     """``((i, j, status, details), plan)`` from one solve."""
-    log_plan, details = coupling._solve(x0, x1)
-    return coupling._sample(key, log_plan, details), coupling._plan(log_plan, details)
+    log_plan, details = coupling._solve(x0, x1, labels)
+    return coupling._sample(key, log_plan, details, labels), coupling._plan(log_plan, details)
 
 
 # Eager Sinkhorn calls (pairs or plan) run through this, compiled once per coupling (a static pytree)
@@ -620,18 +866,31 @@ class _OnMesh(Coupling):
     def uses_key(self) -> bool:
         return self.inner.uses_key
 
+    @property
+    def by_label(self) -> bool:
+        return self.inner.by_label
+
     def pairs(self, key, x0, x1):
         return self.inner.pairs(key, x0, x1)
 
-    def _pairs_with_details(self, key, x0, x1):
-        return self.inner._pairs_with_details(key, x0, x1)
+    def _pairs_with_details(self, key, x0, x1, labels=None):
+        if labels is None:
+            return self.inner._pairs_with_details(key, x0, x1)
+        return self.inner._pairs_with_details(key, x0, x1, labels)
+
+    def _gather_cond(self, cond, j):
+        return self.inner._gather_cond(cond, j)
 
     def _failed(self, error, details):
         self.inner._failed(error, details)
 
-    def _on_each_device(self, key, x0, x1, batch_spec, *, fold_in_device: bool = False):
+    def _on_each_device(
+        self, key, x0, x1, batch_spec, *, labels0=None, labels1=None, cond=None, fold_in_device=False
+    ):
         """``inner``'s pairs, gather and status on every device, on the part of the batch ``batch_spec``
         gives it; the status is reduced over the devices (converged on all of them, the largest error).
+        The labels and the condition (moved with x1) get the batch's spec; ``(a, b, cond_c, pairs,
+        status)`` comes back, ``cond_c`` None without a condition.
 
         Inside ``shard_map`` the solver runs with no collective; the key is replicated and, with
         ``fold_in_device``, folded with the device's index along ``axis``.
@@ -639,26 +898,34 @@ class _OnMesh(Coupling):
         from jax.sharding import PartitionSpec
 
         self._check_inputs(key, x0, x1)
+        extras = {}
+        labels = self._labels(x0, labels0, labels1)
+        if labels is not None:
+            extras["labels"] = labels
+        if cond is not None:
+            check_cond("cond", cond, x1.shape[0])
+            extras["cond"] = cond
 
-        def body(key, x0, x1):
+        def body(key, x0, x1, extras):
             if fold_in_device and key is not None:
                 key = jax.random.fold_in(key, jax.lax.axis_index(self.axis))
-            i, j, status, details = self.inner._pairs_with_details(key, x0, x1)
+            i, j, status, details = self._pairs_with_details(key, x0, x1, extras.get("labels"))
             a, b = self.inner._gather(x0, x1, i, j)
+            moved = {"cond": self.inner._gather_cond(extras["cond"], j)} if "cond" in extras else {}
             # one entry per device along the axis, reduced outside
-            return a, b, i, j, jax.tree.map(lambda v: v[None], (status, details))
+            return a, b, moved, i, j, jax.tree.map(lambda v: v[None], (status, details))
 
-        a, b, i, j, (status, details) = jax.shard_map(
+        a, b, moved, i, j, (status, details) = jax.shard_map(
             body,
             mesh=self.mesh,
-            in_specs=(PartitionSpec(), batch_spec, batch_spec),
-            out_specs=(batch_spec,) * 4 + (PartitionSpec(self.axis),),
+            in_specs=(PartitionSpec(), batch_spec, batch_spec, batch_spec),
+            out_specs=(batch_spec,) * 5 + (PartitionSpec(self.axis),),
             check_vma=False,
-        )(key, x0, x1)
+        )(key, x0, x1, extras)
         status = _status(jnp.all(status["coupling_converged"]), jnp.max(status["coupling_error"]))
         details = {name: jnp.max(value) for name, value in details.items()}
         self._report(status, details)
-        return a, b, (i, j), status
+        return a, b, moved.get("cond"), (i, j), status
 
 
 @dataclasses.dataclass(frozen=True)
@@ -675,10 +942,20 @@ class PerShard(_OnMesh):
     def scope(self) -> str:
         return "local"
 
-    def apply_with_status(self, key, x0, x1):
+    def apply_with_status(self, key, x0, x1, *, labels0=None, labels1=None):
         from jax.sharding import PartitionSpec
 
-        return self._on_each_device(key, x0, x1, PartitionSpec(self.axis), fold_in_device=True)
+        spec = PartitionSpec(self.axis)
+        labels = {"labels0": labels0, "labels1": labels1}
+        a, b, _, pairs, status = self._on_each_device(key, x0, x1, spec, **labels, fold_in_device=True)
+        return a, b, pairs, status
+
+    def apply_with_cond(self, key, x0, x1, cond, *, labels0=None, labels1=None):
+        from jax.sharding import PartitionSpec
+
+        spec = PartitionSpec(self.axis)
+        labels = {"labels0": labels0, "labels1": labels1}
+        return self._on_each_device(key, x0, x1, spec, **labels, cond=cond, fold_in_device=True)
 
 
 jax.tree_util.register_static(PerShard)
@@ -698,20 +975,22 @@ class GlobalBatch(_OnMesh):
     def scope(self) -> str:
         return "global"
 
-    def apply_with_status(self, key, x0, x1):
+    def apply_with_status(self, key, x0, x1, *, labels0=None, labels1=None):
+        a, b, _, pairs, status = self.apply_with_cond(key, x0, x1, None, labels0=labels0, labels1=labels1)
+        return a, b, pairs, status
+
+    def apply_with_cond(self, key, x0, x1, cond, *, labels0=None, labels1=None):
         from jax.sharding import NamedSharding, PartitionSpec
 
         sharded = NamedSharding(self.mesh, PartitionSpec(self.axis))
         # The batch is gathered once; then every device couples the whole batch on its own, with no
         # collective inside the solver (left to the partitioner, Sinkhorn's loop and the exact
         # assignment's host callback were split over the devices and paid a collective per iteration).
-        a, b, pairs, status = self._on_each_device(key, x0, x1, PartitionSpec())
-        return (
-            jax.lax.with_sharding_constraint(a, sharded),
-            jax.lax.with_sharding_constraint(b, sharded),
-            pairs,
-            status,
+        a, b, moved, pairs, status = self._on_each_device(
+            key, x0, x1, PartitionSpec(), labels0=labels0, labels1=labels1, cond=cond
         )
+        reshard = lambda x: jax.lax.with_sharding_constraint(x, sharded)  # noqa: E731
+        return reshard(a), reshard(b), jax.tree.map(reshard, moved), pairs, status
 
 
 jax.tree_util.register_static(GlobalBatch)
@@ -722,9 +1001,20 @@ def independent(*, scope: str = "local") -> Independent:
     return Independent(scope=scope)
 
 
-def exact(*, scope: str = "local") -> Exact:
-    """Return the exact OT coupling (OT-CFM): an optimal permutation of x1 for x0."""
-    return Exact(scope=scope)
+def exact(*, scope: str = "local", by_label: bool = False) -> Exact:
+    """Return the exact OT coupling (OT-CFM): an optimal permutation of x1 for x0.
+
+    With ``by_label=True`` it pairs only within classes, optimally within each class; calls take the
+    labels as ``labels1=`` (x1's) and optionally ``labels0=`` (x0's). See ``Exact``.
+
+    >>> import jax.numpy as jnp
+    >>> x0 = jnp.array([[0.0], [1.0], [2.0], [3.0]])
+    >>> x1 = jnp.array([[0.1], [1.1], [2.1], [3.1]])
+    >>> exact(by_label=True)(None, x0, x1, labels0=jnp.array([0, 1, 0, 1]),
+    ...                      labels1=jnp.array([1, 0, 1, 0]))[1].tolist()
+    [1, 0, 3, 2]
+    """
+    return Exact(scope=scope, by_label=by_label)
 
 
 def sinkhorn(
@@ -734,11 +1024,12 @@ def sinkhorn(
     max_iterations: int = 2000,
     threshold: float = 1e-3,
     scope: str = "local",
+    by_label: bool = False,
 ) -> Sinkhorn:
     """Return the entropic OT coupling; ``epsilon`` is relative to the mean cost unless told otherwise.
 
     Numbers may be Python or numpy scalars (``np.float32(0.1)``, ``np.int64(500)``); bools, NaN and inf
-    are refused with the argument named.
+    are refused with the argument named. ``by_label=True`` pairs only within classes (see ``Sinkhorn``).
     """
     return Sinkhorn(
         epsilon=epsilon,
@@ -746,17 +1037,24 @@ def sinkhorn(
         max_iterations=max_iterations,
         threshold=threshold,
         scope=scope,
+        by_label=by_label,
     )
 
 
 def schrodinger_bridge(
-    sigma: float = 1.0, *, max_iterations: int = 2000, threshold: float = 1e-3, scope: str = "local"
+    sigma: float = 1.0,
+    *,
+    max_iterations: int = 2000,
+    threshold: float = 1e-3,
+    scope: str = "local",
+    by_label: bool = False,
 ) -> Sinkhorn:
     """Return SB-CFM's coupling: entropic OT with absolute epsilon = 2 sigma^2 on squared distances.
 
     Pair it with ``fmjax.paths.SchrodingerBridge(sigma=sigma)``; for sigma = 0 use ``exact()``. A sigma
     so small against the batch's spread that Sinkhorn cannot converge is reported (status, or a
-    ``CouplingWarning`` when called eagerly), not hidden.
+    ``CouplingWarning`` when called eagerly), not hidden. ``by_label=True`` pairs only within classes
+    (see ``Sinkhorn``).
     """
     sigma = _real("sigma", sigma, low=0.0, low_inclusive=False)
     epsilon = 2.0 * sigma * sigma  # a product, not sigma**2, which raises OverflowError for a huge sigma
@@ -768,6 +1066,7 @@ def schrodinger_bridge(
         max_iterations=max_iterations,
         threshold=threshold,
         scope=scope,
+        by_label=by_label,
     )
 
 
