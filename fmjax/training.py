@@ -15,6 +15,16 @@ passed into the step and returned from it:
 >>> state, metrics = step(state, x0, x1)
 >>> int(state.step), sorted(metrics)
 (1, ['loss'])
+
+A conditional model takes the condition as a fourth argument of the step (paired with x1):
+
+>>> model = MLP(dim=2, width=16, depth=2, num_classes=3)
+>>> apply_fn, params = functional(model)
+>>> state = TrainState.create(params=params, optimizer=optimizer, key=jax.random.key(1))
+>>> step = make_train_step(apply_fn, optimizer, path=Linear(), cond_dropout=0.1, null_cond=model.null_cond())
+>>> state, metrics = step(state, x0, x1, jnp.arange(32) % 3)
+>>> int(state.step)
+1
 """
 
 from __future__ import annotations
@@ -27,10 +37,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fmjax._checks import check_pair, check_real
+from fmjax._checks import check_callable, check_choice, check_pair, check_real
 from fmjax._time import TIME_SAMPLERS, LogitNormal, logit_normal, uniform
-from fmjax.couplings import Coupling, GlobalBatch, Independent, PerShard, independent
-from fmjax.losses import ApplyFn, cfm_loss
+from fmjax.couplings import Coupling, GlobalBatch, Independent, PerShard, check_cond, independent
+from fmjax.losses import TARGETS, ApplyFn, cfm_loss
 from fmjax.paths import AffinePath
 
 __all__ = [
@@ -108,6 +118,10 @@ def make_train_step(
     path: AffinePath,
     coupling: Coupling = independent(),
     time_sampler: Callable[..., jax.Array] = uniform,
+    weight: Callable[[jax.Array], jax.Array] | None = None,
+    target: str = "velocity",
+    cond_dropout: float = 0.0,
+    null_cond: Any = None,
     ema_decay: float = 0.999,
     log_grad_norm: bool = False,
     check_finite: bool = False,
@@ -115,20 +129,30 @@ def make_train_step(
     donate: bool = True,
     mesh: jax.sharding.Mesh | None = None,
     data_axis: str = "data",
-) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
-    """Build the jitted training step ``(state, x0, x1) -> (state, metrics)``.
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """Build the jitted training step ``(state, x0, x1, cond=None) -> (state, metrics)``.
 
     One call draws a key from ``state.key``, evaluates ``cfm_loss`` and its gradient, applies the
-    optimiser and updates the EMA of the parameters. The step is traced once per input shape and dtype;
-    with ``donate=True`` the input state's buffers are reused for the output (do not use the old
-    state after the call).
+    optimiser and updates the EMA of the parameters. The step is traced once per input shape and dtype
+    (and once more for steps given a ``cond``); with ``donate=True`` the input state's buffers are
+    reused for the output (do not use the old state after the call).
+
+    ``cond`` (optional) is the condition paired with x1, a pytree of batch-leading arrays (see
+    ``cfm_loss``); the model is then called ``apply_fn(params, t, xt, cond)``. A ``by_label``
+    coupling takes x1's labels from it.
 
     Args:
-      apply_fn: model, ``apply_fn(params, t, xt)`` with t of shape [batch].
+      apply_fn: model, ``apply_fn(params, t, xt)`` with t of shape [batch], or
+        ``apply_fn(params, t, xt, cond)`` for steps given a condition.
       optimizer: an optax gradient transformation.
       path: the probability path.
       coupling: how x0 and x1 are paired (default: independent).
       time_sampler: ``time_sampler(key, n, dtype) -> t``.
+      weight, target: ``cfm_loss``'s time weighting ``weight(t)`` and what the model predicts
+        ("velocity", "x1" or "eps").
+      cond_dropout, null_cond: ``cfm_loss``'s classifier-free guidance dropout: each sample's
+        condition becomes ``null_cond`` (one sample's null condition, e.g. ``model.null_cond()``)
+        with probability ``cond_dropout``.
       ema_decay: EMA decay in [0, 1); 0 makes ``ema_params`` equal to ``params``.
       log_grad_norm: add the gradient's global norm to the metrics. Off by default: on a CPU its
         per-leaf reductions cost about 2% of a small MLP's step.
@@ -146,7 +170,8 @@ def make_train_step(
         XLA averages the gradients across devices). The loss is the mean over the global batch, so
         the step computes what a single device would on the same global batch. A coupling with
         ``scope="global"`` couples the whole global batch; with ``scope="local"`` each device
-        couples its own shard.
+        couples its own shard. The condition's leaves are sharded as the batch and move with x1's
+        pairs on the devices.
       data_axis: the mesh axis the batch is sharded over.
 
     Returns:
@@ -162,6 +187,19 @@ def make_train_step(
         raise TypeError(f"path must be an fmjax path (e.g. fmjax.paths.Linear()); got {path!r}")
     if not isinstance(coupling, Coupling):
         raise TypeError(f"coupling must be an fmjax coupling (e.g. independent()); got {coupling!r}")
+    check_choice("target", target, TARGETS)
+    if weight is not None:
+        check_callable("weight", weight, ("t",))
+    cond_dropout = check_real("cond_dropout", cond_dropout, low=0.0, high=1.0)
+    if cond_dropout > 0 and null_cond is None:
+        raise ValueError(
+            f"cond_dropout={cond_dropout} needs null_cond, the condition that means 'no condition' "
+            "(for a bundled model: model.null_cond(); for class labels, the null class id num_classes)"
+        )
+    conditional = {}
+    if cond_dropout > 0:
+        conditional = {"cond_dropout": cond_dropout, "null_cond": null_cond}
+    options = {"weight": weight, "target": target} if weight is not None or target != "velocity" else {}
 
     if mesh is not None:
         if data_axis not in mesh.axis_names:
@@ -171,10 +209,11 @@ def make_train_step(
             coupling = wrapper(inner=coupling, mesh=mesh, axis=data_axis)
     grad_fn = jax.value_and_grad(cfm_loss, argnums=1, has_aux=True)
 
-    def step(state: TrainState, x0: jax.Array, x1: jax.Array):
+    def step(state: TrainState, x0: jax.Array, x1: jax.Array, cond: Any = None):
         # half-precision batches (bf16 pipelines) are upcast: the path maths and the loss run in float32
         x0, x1 = _at_least_float32(x0), _at_least_float32(x1)
         key, loss_key = jax.random.split(state.key)
+        with_cond = {"cond": cond, **conditional} if cond is not None else {}
         (loss, _), grads = grad_fn(
             apply_fn,
             state.params,
@@ -184,6 +223,8 @@ def make_train_step(
             path=path,
             coupling=coupling,
             time_sampler=time_sampler,
+            **with_cond,
+            **options,
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -222,9 +263,12 @@ def make_train_step(
     if mesh is None:
         jitted = jax.jit(step, donate_argnums=donate_argnums)
 
-        def checked(state: TrainState, x0: jax.Array, x1: jax.Array):
+        def checked(state: TrainState, x0: jax.Array, x1: jax.Array, cond: Any = None):
             check_pair(x0, x1, half_precision=True)
-            return jitted(state, x0, x1)
+            if cond is None:
+                return jitted(state, x0, x1)
+            check_cond("cond", cond, x1.shape[0])
+            return jitted(state, x0, x1, cond)
 
         checked.lower = jitted.lower
         return checked
@@ -240,8 +284,15 @@ def make_train_step(
         out_shardings=(replicated, replicated),
         donate_argnums=donate_argnums,
     )
+    # steps given a condition: its leaves sharded as the batch
+    sharded_cond_step = jax.jit(
+        step,
+        in_shardings=(replicated, data, data, data),
+        out_shardings=(replicated, replicated),
+        donate_argnums=donate_argnums,
+    )
 
-    def checked_step(state: TrainState, x0: jax.Array, x1: jax.Array):
+    def checked_step(state: TrainState, x0: jax.Array, x1: jax.Array, cond: Any = None):
         check_pair(x0, x1, half_precision=True)
         for name, x in (("x0", x0), ("x1", x1)):
             if x.shape[0] % devices:
@@ -249,7 +300,10 @@ def make_train_step(
                     f"{name} has batch size {x.shape[0]}, which the {devices} devices of mesh axis "
                     f"{data_axis!r} cannot split evenly; use a multiple of {devices}"
                 )
-        return sharded_step(state, x0, x1)
+        if cond is None:
+            return sharded_step(state, x0, x1)
+        check_cond("cond", cond, x1.shape[0])
+        return sharded_cond_step(state, x0, x1, cond)
 
     checked_step.lower = sharded_step.lower
     return checked_step
