@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from fmjax._checks import check_int, lookup
+from fmjax.models.condition import Condition, check_condition_sizes
 
 __all__ = ["MLP", "ACTIVATIONS"]
 
@@ -40,13 +42,29 @@ class MLP(nnx.Module):
     ``MLP(dim=2, width=64, depth=3, activation="selu")``. Inputs of any shape [batch, *dims] are
     flattened to [batch, dim] with dim = prod(dims) and the output is reshaped back.
 
+    Conditional (``num_classes`` and/or ``cond_dim`` given): v_theta(t, x, cond), with the condition's
+    embedding (``fmjax.models.condition.Condition``: a table of num_classes + 1 rows, the last, id
+    ``num_classes``, being the null class; a linear map of the cond_dim features, or a learned null
+    vector where ``cond["mask"]`` is 0) added to the first hidden layer's pre-activations.
+    ``null_cond()`` is one sample's null condition. Without either, the model and its parameters are
+    those of the unconditional MLP (the same seed gives the same weights either way).
+
     Args:
       dim: number of data dimensions, prod(dims).
       width: units per hidden layer.
       depth: number of hidden layers (>= 1).
       activation: a name from ``ACTIVATIONS``.
+      num_classes: number of classes K of a class condition (ids 0..K-1; K is the null class).
+      cond_dim: size of a continuous condition (features of shape [batch, cond_dim]).
       seed: seed for the initial weights (or pass ``rngs``).
       rngs: an ``nnx.Rngs``; overrides ``seed``.
+
+    >>> import jax.numpy as jnp
+    >>> model = MLP(dim=2, width=8, depth=1, num_classes=3)
+    >>> model(jnp.zeros(4), jnp.ones((4, 2)), jnp.array([0, 1, 2, 3])).shape  # 3: the null class
+    (4, 2)
+    >>> int(model.null_cond())
+    3
     """
 
     def __init__(
@@ -56,6 +74,8 @@ class MLP(nnx.Module):
         width: int = 64,
         depth: int = 3,
         activation: str = "selu",
+        num_classes: int | None = None,
+        cond_dim: int | None = None,
         seed: int = 0,
         rngs: nnx.Rngs | None = None,
     ):
@@ -71,14 +91,54 @@ class MLP(nnx.Module):
         )
         self.out = nnx.Linear(width, dim, rngs=rngs)
         self.dim = dim
+        num_classes, cond_dim = check_condition_sizes(num_classes, cond_dim)
+        self.num_classes, self.cond_dim = num_classes, cond_dim
+        # built after the layers above, so their weights are those of the unconditional MLP
+        self.condition = (
+            Condition(num_classes=num_classes, cond_dim=cond_dim, features=width, rngs=rngs)
+            if self.conditional
+            else None
+        )
 
-    def __call__(self, t: jax.Array, x: jax.Array) -> jax.Array:
-        """Velocity at times t (shape [batch] or scalar) and points x (shape [batch, *dims])."""
+    @property
+    def conditional(self) -> bool:
+        """Whether the model takes a condition (``num_classes`` or ``cond_dim`` was given)."""
+        return self.num_classes is not None or self.cond_dim is not None
+
+    def null_cond(self) -> Any:
+        """One sample's null condition (no batch axis), for ``cfm_loss(null_cond=...)`` and
+        ``fmjax.guided_velocity``: the class id ``num_classes``, and/or zero features with mask 0
+        (``{"features": zeros(cond_dim), "mask": 0.0}``); None for an unconditional model."""
+        return self.condition.null() if self.conditional else None
+
+    def __call__(self, t: jax.Array, x: jax.Array, cond: Any = None) -> jax.Array:
+        """Velocity at times t (shape [batch] or scalar) and points x (shape [batch, *dims]), given
+        ``cond`` (batch-leading, see the class) for a conditional model."""
         batch, dims = x.shape[0], x.shape[1:]
         if math.prod(dims) != self.dim:
             raise ValueError(f"x has {math.prod(dims)} data dimensions per sample, the MLP {self.dim}")
+        check_cond_given(self, cond)
         t = jnp.broadcast_to(jnp.asarray(t, x.dtype), (batch,))
         h = jnp.concatenate([x.reshape(batch, self.dim), t[:, None]], axis=-1)
-        for layer in self.hidden:
-            h = self.activation(layer(h))
+        for k, layer in enumerate(self.hidden):
+            h = layer(h)
+            if k == 0 and self.conditional:
+                h = h + self.condition(cond, batch, h.dtype)
+            h = self.activation(h)
         return self.out(h).reshape(x.shape)
+
+
+def check_cond_given(model: nnx.Module, cond: Any) -> None:
+    """Raise a TypeError when a conditional model gets no ``cond``, or an unconditional one gets one."""
+    name = type(model).__name__
+    if model.conditional and cond is None:
+        raise TypeError(
+            f"this {name} is conditional (num_classes={model.num_classes}, cond_dim={model.cond_dim}) and "
+            f"needs cond: {model.condition.describe()}; for no condition pass model.null_cond() for "
+            "every sample"
+        )
+    if not model.conditional and cond is not None:
+        raise TypeError(
+            f"cond is given, but this {name} is unconditional (built without num_classes or cond_dim); "
+            f"build it with num_classes=K or cond_dim=D to condition it"
+        )

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from fmjax._checks import check_int
-from fmjax.models.mlp import _rngs
+from fmjax.models.condition import Condition, check_condition_sizes
+from fmjax.models.mlp import _rngs, check_cond_given
 
 __all__ = ["UNet", "timestep_embedding"]
 
@@ -58,12 +60,21 @@ class UNet(nnx.Module):
     H and W must be divisible by 2 ** (len(channel_mults) - 1): (1, 2) suits 8x8 digits, (1, 2, 2)
     28x28 MNIST and (1, 2, 2, 2) 32x32 CIFAR-10.
 
+    Conditional (``num_classes`` and/or ``cond_dim`` given): v_theta(t, x, cond), with the condition's
+    embedding (``fmjax.models.condition.Condition``: a table of num_classes + 1 rows, the last, id
+    ``num_classes``, being the null class; a linear map of the features, or a learned null vector where
+    ``cond["mask"]`` is 0) added to the time embedding that every residual block receives.
+    ``null_cond()`` is one sample's null condition. Without either, parameters and outputs are those
+    of the unconditional UNet.
+
     Args:
       in_channels: image channels.
       channels: channels of the first level.
       channel_mults: channel multiplier per level.
       num_res_blocks: residual blocks per level on the way down (one more on the way up).
       groups: GroupNorm groups (capped at the channel count).
+      num_classes: number of classes K of a class condition (ids 0..K-1; K is the null class).
+      cond_dim: size of a continuous condition (features of shape [batch, cond_dim]).
       seed: seed for the initial weights (or pass ``rngs``).
     """
 
@@ -75,6 +86,8 @@ class UNet(nnx.Module):
         channel_mults: tuple[int, ...] = (1, 2),
         num_res_blocks: int = 1,
         groups: int = 8,
+        num_classes: int | None = None,
+        cond_dim: int | None = None,
         seed: int = 0,
         rngs: nnx.Rngs | None = None,
     ):
@@ -121,11 +134,31 @@ class UNet(nnx.Module):
         self.num_res_blocks = num_res_blocks
         self.out_norm = _group_norm(c, groups, rngs)
         self.out = nnx.Conv(c, in_channels, (3, 3), rngs=rngs)
+        num_classes, cond_dim = check_condition_sizes(num_classes, cond_dim)
+        self.num_classes, self.cond_dim = num_classes, cond_dim
+        # built after the layers above, so their weights are those of the unconditional UNet
+        self.condition = (
+            Condition(num_classes=num_classes, cond_dim=cond_dim, features=self.emb_dim, rngs=rngs)
+            if self.conditional
+            else None
+        )
 
-    def __call__(self, t: jax.Array, x: jax.Array) -> jax.Array:
-        """Velocity at times t (shape [batch] or scalar) and images x (shape [batch, H, W, C])."""
+    @property
+    def conditional(self) -> bool:
+        """Whether the model takes a condition (``num_classes`` or ``cond_dim`` was given)."""
+        return self.num_classes is not None or self.cond_dim is not None
+
+    def null_cond(self) -> Any:
+        """One sample's null condition (no batch axis): the class id ``num_classes``, and/or zero
+        features with mask 0; None for an unconditional model."""
+        return self.condition.null() if self.conditional else None
+
+    def __call__(self, t: jax.Array, x: jax.Array, cond: Any = None) -> jax.Array:
+        """Velocity at times t (shape [batch] or scalar) and images x (shape [batch, H, W, C]), given
+        ``cond`` (batch-leading) for a conditional model."""
         if x.ndim != 4:
             raise ValueError(f"x must have shape [batch, H, W, C]; got {x.shape}")
+        check_cond_given(self, cond)
         factor = 2 ** (self.levels - 1)
         if x.shape[1] % factor or x.shape[2] % factor:
             raise ValueError(
@@ -133,6 +166,8 @@ class UNet(nnx.Module):
             )
         t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])
         emb = self.time_out(jax.nn.silu(self.time_in(timestep_embedding(t, self.channels).astype(x.dtype))))
+        if self.conditional:
+            emb = emb + self.condition(cond, x.shape[0], emb.dtype)
         h = self.stem(x)
         skips = [h]
         blocks = iter(self.down)
