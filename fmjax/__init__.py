@@ -2,8 +2,8 @@
 
 Probability paths (``fmjax.paths``), minibatch couplings (``fmjax.couplings``), the pure CFM loss
 (``fmjax.losses``), a jitted training step (``fmjax.training``), diffrax sampling
-(``fmjax.sampling``), log-likelihoods (``fmjax.likelihood``), metrics, reflow, checkpoints, data and
-Flax models.
+(``fmjax.sampling``), classifier-free guidance (``fmjax.guidance``), log-likelihoods
+(``fmjax.likelihood``), metrics, reflow, checkpoints, data and Flax models.
 
 The names below are imported on first use (``fmjax.sample`` imports ``fmjax.sampling`` and diffrax
 then), so ``import fmjax`` and the ``fmjax`` command start without loading every dependency.
@@ -19,6 +19,8 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _EXPORTS = {
     "Checkpointer": "fmjax.checkpoint",
+    "GuidedVelocity": "fmjax.guidance",
+    "guided_velocity": "fmjax.guidance",
     "Coupling": "fmjax.couplings",
     "exact": "fmjax.couplings",
     "independent": "fmjax.couplings",

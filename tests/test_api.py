@@ -11,6 +11,7 @@ MODULES = [
     "fmjax.losses",
     "fmjax.training",
     "fmjax.sampling",
+    "fmjax.guidance",
     "fmjax.likelihood",
     "fmjax.metrics",
     "fmjax.checkpoint",
@@ -37,7 +38,7 @@ def test_design_entry_points_are_top_level():
 
     entry_points = [
         "sample", "log_likelihood", "bits_per_dim", "cfm_loss", "make_train_step", "TrainState",
-        "as_velocity",
+        "as_velocity", "guided_velocity",
         "independent", "exact", "sinkhorn", "schrodinger_bridge", "CondOT", "Linear", "SchrodingerBridge",
         "VariancePreserving", "VPDiffusion", "wasserstein2",
     ]  # fmt: skip
