@@ -241,10 +241,20 @@ def cfm_loss(
     >>> grads = jax.grad(loss_fn)(0.0, jax.random.key(0))  # differentiable as any loss
     """
     with_cond = cond is not None
-    check_callable("apply_fn", apply_fn, ("params", "t", "x", "cond") if with_cond else ("params", "t", "x"))
+    cond_dropout = check_real("cond_dropout", cond_dropout, low=0.0, high=1.0)
+    if not with_cond and (cond_dropout > 0 or null_cond is not None):
+        raise ValueError(
+            "cond_dropout and null_cond need a condition: pass cond (a pytree of batch-leading arrays)"
+        )
     path = resolve_path(path)
     coupling = resolve_coupling(coupling)
     time_sampler = resolve_time_sampler(time_sampler)
+    if coupling.by_label and not with_cond:
+        raise ValueError(
+            f"coupling {coupling!r} pairs within classes (by_label=True) and needs x1's class labels: "
+            "pass cond (integer labels of shape [batch], or a dict with a 'label' entry)"
+        )
+    check_callable("apply_fn", apply_fn, ("params", "t", "x", "cond") if with_cond else ("params", "t", "x"))
     check_key("key", key)
     check_pair(x0, x1)
     check_choice("reduction", reduction, REDUCTIONS)
@@ -256,11 +266,6 @@ def cfm_loss(
         )
     if weight is not None:
         check_callable("weight", weight, ("t",))
-    cond_dropout = check_real("cond_dropout", cond_dropout, low=0.0, high=1.0)
-    if not with_cond and (cond_dropout > 0 or null_cond is not None):
-        raise ValueError(
-            "cond_dropout and null_cond need a condition: pass cond (a pytree of batch-leading arrays)"
-        )
     if cond_dropout > 0 and null_cond is None:
         raise ValueError(
             f"cond_dropout={cond_dropout} needs null_cond, the condition that means 'no condition' "
@@ -271,11 +276,6 @@ def cfm_loss(
         check_cond("cond", cond, x1.shape[0])
         if coupling.by_label:
             labels["labels1"] = class_labels(cond)
-    elif coupling.by_label:
-        raise ValueError(
-            f"coupling {coupling!r} pairs within classes (by_label=True) and needs x1's class labels: "
-            "pass cond (integer labels of shape [batch], or a dict with a 'label' entry)"
-        )
     dropout = cond_dropout > 0
     key_time, key_coupling, key_path, key_drop = _split_key(key, coupling.uses_key, path.stochastic, dropout)
     if with_cond:

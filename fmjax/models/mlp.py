@@ -80,6 +80,7 @@ class MLP(nnx.Module):
         rngs: nnx.Rngs | None = None,
     ):
         dim = check_int("dim", dim, low=1)
+        num_classes, cond_dim = check_condition_sizes(num_classes, cond_dim)
         width = check_int("width", width, low=1)
         depth = check_int("depth", depth, low=1)
         self.activation_name = activation
@@ -91,7 +92,6 @@ class MLP(nnx.Module):
         )
         self.out = nnx.Linear(width, dim, rngs=rngs)
         self.dim = dim
-        num_classes, cond_dim = check_condition_sizes(num_classes, cond_dim)
         self.num_classes, self.cond_dim = num_classes, cond_dim
         # built after the layers above, so their weights are those of the unconditional MLP
         self.condition = (

@@ -92,6 +92,7 @@ class UNet(nnx.Module):
         rngs: nnx.Rngs | None = None,
     ):
         in_channels = check_int("in_channels", in_channels, low=1)
+        num_classes, cond_dim = check_condition_sizes(num_classes, cond_dim)
         channels = check_int("channels", channels, low=1)
         num_res_blocks = check_int("num_res_blocks", num_res_blocks, low=1)
         groups = check_int("groups", groups, low=1)
@@ -134,7 +135,6 @@ class UNet(nnx.Module):
         self.num_res_blocks = num_res_blocks
         self.out_norm = _group_norm(c, groups, rngs)
         self.out = nnx.Conv(c, in_channels, (3, 3), rngs=rngs)
-        num_classes, cond_dim = check_condition_sizes(num_classes, cond_dim)
         self.num_classes, self.cond_dim = num_classes, cond_dim
         # built after the layers above, so their weights are those of the unconditional UNet
         self.condition = (
