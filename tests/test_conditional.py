@@ -45,7 +45,7 @@ def _train(steps, cond_dropout, seed=0):
     """(model, apply_fn, state) of a conditional MLP trained by make_train_step, labels as cond."""
     model = MLP(dim=2, width=64, depth=3, num_classes=K, seed=seed)
     apply_fn, params = functional(model)
-    optimizer = optax.adam(3e-3)
+    optimizer = optax.adam(optax.cosine_decay_schedule(1e-2, steps, alpha=0.05))
     state = TrainState.create(params=params, optimizer=optimizer, key=jax.random.key(1))
     step = make_train_step(
         apply_fn,
@@ -68,9 +68,9 @@ def _nearest(x):
 
 
 def _guided_samples(model, apply_fn, params, scales, n=500):
-    """For each scale: samples of every class (n each, the same noise), and the class asked of each."""
+    """For each scale: samples of every class (n each), and the class asked of each."""
     asked = jnp.repeat(jnp.arange(K, dtype=jnp.int32), n)
-    x0 = jnp.tile(jax.random.normal(jax.random.key(5), (n, 2)), (K, 1))
+    x0 = jax.random.normal(jax.random.key(5), (K * n, 2))
     out = {}
     for scale in scales:
         velocity = guided_velocity(apply_fn, params, asked, scale=scale, null_cond=model.null_cond())
@@ -80,7 +80,7 @@ def _guided_samples(model, apply_fn, params, scales, n=500):
 
 @pytest.fixture(scope="module")
 def conditional_model():
-    # 600 steps of batch 256 (cond_dropout 0.1): scale 1 puts 99.6% of each class nearest its mean
+    # 600 steps of batch 256 (cond_dropout 0.1, Adam with a cosine decay from 1e-2)
     return _train(600, cond_dropout=0.1)
 
 
@@ -89,11 +89,14 @@ def test_samples_land_on_their_component_and_guidance_sharpens(conditional_model
     samples, asked = _guided_samples(model, apply_fn, state.ema_params, (0.0, 1.0, 2.0))
     right = {s: np.mean(_nearest(x) == asked) for s, x in samples.items()}
     per_class = {s: [np.mean(_nearest(x)[asked == k] == k) for k in range(K)] for s, x in samples.items()}
-    # figures (seeded): scale 0: 0.25 each; scale 1: 0.998/0.996/0.998/0.992; scale 2: 1.0
+    # figures (seeded, 500 samples per class): nearest the class asked at scale 0: 0.251 (the mixture's
+    # shares); scale 1: 0.998/0.998/1.0/0.992; scale 2 (and 4): 1.0. Mean distance to the class's mean:
+    # 2.51, 0.459, 0.352 (0.351)
     assert min(per_class[1.0]) >= 0.98
     # scale 0 is the unconditional field: whatever class is asked, the samples cover the whole mixture
-    # (0.25 per component; 0.06 is 4.5 standard errors of a share of 500 samples)
-    assert all(abs(share - 0.25) < 0.06 for share in per_class[0.0])
+    # (0.25 per component; 0.04 is 4 standard errors of a share of 2000 samples)
+    shares = np.bincount(_nearest(samples[0.0]), minlength=K) / len(asked)
+    np.testing.assert_allclose(shares, 0.25, atol=0.04)
     # guidance above 1 raises the fraction nearest the class asked, and pulls samples toward its mean
     assert right[2.0] >= right[1.0] and right[2.0] >= 0.999
     distance = {s: np.mean(np.linalg.norm(x - np.asarray(MEANS)[asked], axis=-1)) for s, x in samples.items()}
@@ -110,7 +113,7 @@ def test_cond_dropout_one_trains_the_unconditional_model():
     # the null-conditioned model is the unconditional flow: a quarter of the samples on each component
     samples, _ = _guided_samples(model, apply_fn, state.ema_params, (0.0,))
     shares = np.bincount(_nearest(samples[0.0]), minlength=K) / len(samples[0.0])
-    np.testing.assert_allclose(shares, 0.25, atol=0.04)  # 2000 samples: 4 standard errors is 0.04
+    np.testing.assert_allclose(shares, 0.25, atol=0.04)  # 2000 samples: 0.04 is 4 standard errors
 
 
 def test_cond_dropout_replaces_conditions_by_the_null_condition():
