@@ -37,7 +37,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fmjax._checks import check_callable, check_choice, check_pair, check_real
+from fmjax._checks import (
+    check_callable,
+    check_choice,
+    check_pair,
+    check_real,
+    resolve_coupling,
+    resolve_path,
+    resolve_time_sampler,
+)
 from fmjax._time import TIME_SAMPLERS, LogitNormal, logit_normal, uniform
 from fmjax.couplings import Coupling, GlobalBatch, Independent, PerShard, check_cond, independent
 from fmjax.losses import TARGETS, ApplyFn, cfm_loss
@@ -115,9 +123,9 @@ def make_train_step(
     apply_fn: ApplyFn,
     optimizer: optax.GradientTransformation,
     *,
-    path: AffinePath,
-    coupling: Coupling = independent(),
-    time_sampler: Callable[..., jax.Array] = uniform,
+    path: AffinePath | str,
+    coupling: Coupling | str = independent(),
+    time_sampler: Callable[..., jax.Array] | str = uniform,
     weight: Callable[[jax.Array], jax.Array] | None = None,
     target: str = "velocity",
     cond_dropout: float = 0.0,
@@ -145,9 +153,9 @@ def make_train_step(
       apply_fn: model, ``apply_fn(params, t, xt)`` with t of shape [batch], or
         ``apply_fn(params, t, xt, cond)`` for steps given a condition.
       optimizer: an optax gradient transformation.
-      path: the probability path.
-      coupling: how x0 and x1 are paired (default: independent).
-      time_sampler: ``time_sampler(key, n, dtype) -> t``.
+      path: the probability path, or its name in ``fmjax.paths.PATHS`` (built with its defaults).
+      coupling: how x0 and x1 are paired (default: independent), or a name in ``COUPLINGS``.
+      time_sampler: ``time_sampler(key, n, dtype) -> t``, or a name ("uniform", "logit_normal").
       weight, target: ``cfm_loss``'s time weighting ``weight(t)`` and what the model predicts
         ("velocity", "x1" or "eps").
       cond_dropout, null_cond: ``cfm_loss``'s classifier-free guidance dropout: each sample's
@@ -175,7 +183,9 @@ def make_train_step(
       data_axis: the mesh axis the batch is sharded over.
 
     Returns:
-      The jitted step. ``metrics`` holds the scalar ``loss`` (and ``grad_norm`` when asked,
+      The jitted step. ``metrics`` holds the scalar ``loss``, the coupling's status when it reports one
+      (``coupling_converged`` and ``coupling_error``, see ``Coupling.apply_with_status``; reduced over
+      the devices of a mesh), and ``grad_norm`` when asked,
       ``nonfinite`` with ``check_finite`` or ``skip_nonfinite``, ``skipped`` with
       ``skip_nonfinite``). x0 and x1 must be floating point arrays of the same shape
       [batch, *dims]; bfloat16 and float16 batches are upcast to float32 inside the step
@@ -183,10 +193,9 @@ def make_train_step(
       bfloat16 computation in the model, wrap ``apply_fn`` with ``fmjax.models.mixed_precision``.
     """
     ema_decay = check_real("ema_decay", ema_decay, low=0.0, high=1.0, high_inclusive=False)
-    if not isinstance(path, AffinePath):
-        raise TypeError(f"path must be an fmjax path (e.g. fmjax.paths.Linear()); got {path!r}")
-    if not isinstance(coupling, Coupling):
-        raise TypeError(f"coupling must be an fmjax coupling (e.g. independent()); got {coupling!r}")
+    path = resolve_path(path)
+    coupling = resolve_coupling(coupling)
+    time_sampler = resolve_time_sampler(time_sampler)
     check_choice("target", target, TARGETS)
     if weight is not None:
         check_callable("weight", weight, ("t",))
@@ -214,7 +223,7 @@ def make_train_step(
         x0, x1 = _at_least_float32(x0), _at_least_float32(x1)
         key, loss_key = jax.random.split(state.key)
         with_cond = {"cond": cond, **conditional} if cond is not None else {}
-        (loss, _), grads = grad_fn(
+        (loss, aux), grads = grad_fn(
             apply_fn,
             state.params,
             loss_key,
@@ -235,7 +244,7 @@ def make_train_step(
             ema_params=ema_update(state.ema_params, params, ema_decay),
             key=key,
         )
-        metrics = {"loss": loss}
+        metrics = {"loss": loss, **aux.status}
         if log_grad_norm or check_finite or skip_nonfinite:
             grad_norm = optax.global_norm(grads)
         if log_grad_norm:

@@ -177,9 +177,15 @@ API_CASES = [
     ),
     (
         "path-not-a-path",
-        lambda: fmjax.make_train_step(lambda p, t, x: x, optax.sgd(0.1), path="linear"),
+        lambda: fmjax.make_train_step(lambda p, t, x: x, optax.sgd(0.1), path=42),
         TypeError,
-        ["path must be an fmjax path"],
+        ["path must be an fmjax path", "or one of the names"],
+    ),
+    (
+        "path-unknown-name",
+        lambda: fmjax.make_train_step(lambda p, t, x: x, optax.sgd(0.1), path="nope"),
+        ValueError,
+        ["path must be one of", "'linear'"],
     ),
     (
         "fixed-steps-zero",

@@ -143,8 +143,10 @@ def test_make_train_step_rejects_bad_arguments():
     apply_fn, params = functional(MLP(dim=2, width=8, depth=1))
     with pytest.raises(ValueError, match="ema_decay must be < 1"):
         make_train_step(apply_fn, optax.adam(1e-3), path=Linear(), ema_decay=1.0)
-    with pytest.raises(TypeError, match="path must be an fmjax path"):
-        make_train_step(apply_fn, optax.adam(1e-3), path="linear")
+    with pytest.raises(TypeError, match="path must be a path, not a path class: call it"):
+        make_train_step(apply_fn, optax.adam(1e-3), path=Linear)
+    with pytest.raises(ValueError, match="path must be one of"):
+        make_train_step(apply_fn, optax.adam(1e-3), path="straight")
     with pytest.raises(TypeError, match="coupling must be an fmjax coupling"):
         make_train_step(apply_fn, optax.adam(1e-3), path=Linear(), coupling=lambda k, a, b: (a, b))
 
@@ -202,3 +204,30 @@ def test_check_finite_reports_what_went_nonfinite(apply_fn, params, optimizer, x
         assert "skipped" not in metrics
     finite = all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(kept[0]) if x.dtype != jnp.int32)
     assert finite == (skip or expected & 4 == 0)
+
+
+
+def test_step_metrics_carry_the_coupling_status_and_names_build_the_same_step():
+    """A coupling that reports a status (Sinkhorn) puts it in the step's metrics; names resolve through the
+    registries to the factories' defaults, so the step computes the same loss as with the objects."""
+    from fmjax.couplings import sinkhorn
+
+    apply_fn = lambda params, t, x: params * x  # noqa: E731
+    optimizer = optax.sgd(0.1)
+    x0 = jax.random.normal(jax.random.key(1), (16, 2))
+    x1 = x0 + 3.0
+
+    def metrics_of(path, coupling):
+        state = TrainState.create(params=jnp.float32(0.5), optimizer=optimizer, key=jax.random.key(0))
+        step = make_train_step(apply_fn, optimizer, path=path, coupling=coupling, donate=False)
+        return step(state, x0, x1)[1]
+
+    by_object = metrics_of(Linear(), sinkhorn())
+    by_name = metrics_of("linear", "sinkhorn")
+    assert float(by_object["loss"]) == float(by_name["loss"])
+    assert bool(by_object["coupling_converged"]) and float(by_object["coupling_error"]) < 1e-3
+    # three Sinkhorn iterations do not reach the 1e-3 marginal threshold: reported, not hidden
+    capped = metrics_of(Linear(), sinkhorn(max_iterations=3))
+    assert not bool(capped["coupling_converged"]) and float(capped["coupling_error"]) > 1e-3
+    independent = metrics_of(Linear(), "independent")
+    assert bool(independent["coupling_converged"]) and float(independent["coupling_error"]) == 0.0
