@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -62,6 +63,27 @@ def _reason(error: BaseException, limit: int) -> str:
     """The first line of an error's message (orbax and tensorstore errors run to many lines)."""
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
     return text[:limit]
+
+
+def _release_stuck_helpers() -> None:
+    """Let orbax's helper threads of a failed save return at once.
+
+    Those threads wait for a "step directory created" signal before they write; when creating the
+    directory failed, the signal never comes and they wait out orbax's coordination timeout (300 s), and
+    as they are not daemon threads, the process cannot exit meanwhile. Cancelled and sent the signals
+    they wait for, they return without writing.
+    """
+    try:
+        from orbax.checkpoint._src.futures import future as orbax_future
+
+        helper = orbax_future._SignalingThread
+    except (ImportError, AttributeError):  # another orbax version: nothing known to release
+        return
+    for thread in threading.enumerate():
+        if isinstance(thread, helper) and thread.is_alive():
+            with contextlib.suppress(Exception):
+                thread.cancel()
+                orbax_future.set_signals(thread._receive_signals, operation_id=thread._operation_id)
 
 
 def _from_process_0(decision: dict | None) -> dict:
@@ -178,6 +200,7 @@ class Checkpointer:
         self._reported = True
         with contextlib.suppress(Exception):  # no background write may still use the folders cleaned below
             self._manager.wait_until_finished()
+        _release_stuck_helpers()
         self._discard_partial(step)
         raise OSError(
             f"could not write checkpoint {step} in {self.directory} ({_reason(error, 300)}); "
@@ -186,15 +209,17 @@ class Checkpointer:
 
     def _discard_partial(self, step: int) -> None:
         """Remove orbax's temporary folder of the failed ``step``; set aside a step folder of it that was
-        renamed into place but not completed. Process 0 alone changes the directory."""
-        if jax.process_index() == 0:
+        renamed into place but not completed. Process 0 alone changes the directory (if it is still
+        one: it may have been replaced or removed, which is what made the write fail)."""
+        if jax.process_index() == 0 and os.path.isdir(self.directory):
             for name in os.listdir(self.directory):
                 if name.startswith(f"{step}.orbax-checkpoint-tmp"):
                     shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
             final = os.path.join(self.directory, str(step))
             if os.path.isdir(final) and not os.path.exists(os.path.join(final, _COMMIT_MARKER)):
                 self._set_aside(step)
-        self._manager.reload()
+        with contextlib.suppress(OSError):
+            self._manager.reload()
 
     def all_steps(self) -> list[int]:
         """Steps of the committed checkpoints, oldest first.

@@ -2,7 +2,10 @@
 
     fmjax train [--source 8gaussians] [--target moons] [--path linear] [--coupling independent] ...
 
-Errors in the arguments or the data print one line on stderr and exit with status 2.
+Errors in the arguments or the data print one line on stderr, naming the option as typed (``--sigma``, not
+the Python API's ``sigma_min``), and exit with status 2. Ctrl-C during ``fmjax train`` stops at the next
+dispatch, saves the step if it can, prints one line and exits with status 130; the same command resumes
+the run (a second Ctrl-C exits at once, keeping the checkpoints already written).
 """
 
 from __future__ import annotations
@@ -11,7 +14,10 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -20,6 +26,81 @@ import numpy as np
 from fmjax._checks import check_choice
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+# names of the Python API (RunConfig fields, function arguments) that the commands' options stand for
+_API_NAMES = {
+    "train": {"sigma_min": "--sigma", "run_dir": "--out", "data_dir": "--data-dir", "devices": "--devices"},
+    "sample": {"n": "--n", "solver": "--solver", "steps": "--steps", "seed": "--seed"},
+    "nll": {
+        "n": "--n",
+        "divergence": "--divergence",
+        "num_probes": "--num-probes",
+        "probe": "--probe",
+        "solver": "--solver",
+        "seed": "--seed",
+        "data_dir": "--data-dir",
+    },
+}
+
+
+def _flags(command: str | None) -> dict[str, str]:
+    """API name -> the option of ``command`` that sets it."""
+    names = dict(_API_NAMES.get(command, {}))
+    if command == "train":
+        from fmjax.runs import RunConfig
+
+        for field in dataclasses.fields(RunConfig):
+            names.setdefault(field.name, "--" + field.name.replace("_", "-"))
+        names["eval_ema"] = "--no-eval-ema"
+    return names
+
+
+def _name_flags(message: str, command: str | None) -> str:
+    """``message`` with the API names of ``command``'s options replaced by the options, where a name is
+    the subject of the message (``sigma_min must be >= 0`` -> ``--sigma must be >= 0``) or listed as
+    differing (``differs in width, seed``)."""
+    names = _flags(command)
+    if not names:
+        return message
+    pattern = "|".join(sorted(map(re.escape, names), key=len, reverse=True))
+    subject = re.compile(
+        rf"(?<![\w\-.'\"/])({pattern})(?=\s+(?:must|is|are|has|cannot|needs|and|than|-?\d|'|\"))"
+    )
+    message = subject.sub(lambda m: names[m.group(1)], message)
+    return re.sub(
+        r"differs in ([\w, ]+)",
+        lambda m: "differs in " + ", ".join(names.get(n, n) for n in m.group(1).split(", ")),
+        message,
+    )
+
+
+class _Interrupts:
+    """The SIGINT (Ctrl-C) handler of a command.
+
+    While training (``defer``), Ctrl-C only asks the loop to stop at its next dispatch (a
+    KeyboardInterrupt inside a compile or an orbax write could leave either half done); a second one
+    exits at once. Elsewhere it raises KeyboardInterrupt, and ``count`` remembers it in case that was
+    swallowed (a KeyboardInterrupt raised inside a garbage-collection callback is only printed).
+    """
+
+    def __init__(self):
+        self.count = 0
+        self.defer = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.count += 1
+        if not self.defer:
+            raise KeyboardInterrupt
+        if self.count > 1:
+            os.write(2, b"fmjax: interrupted again: stopping now; the checkpoints written are intact\n")
+            os._exit(EXIT_INTERRUPTED)
+
+    def requested(self) -> bool:
+        return self.count > 0
+
+
+_interrupts = _Interrupts()
 
 
 class _UsageError(Exception):
@@ -201,44 +282,53 @@ def _cmd_train(args) -> int:
 
     config = _config_from_args(args)
     _init_distributed(args)
+    import jax
+
     run_dir = args.out or _default_run_dir()
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise _UsageError(f"--out {run_dir!r} is a file, not a directory")
-    if (
-        os.path.isdir(run_dir)
-        and os.listdir(run_dir)
-        and not os.path.exists(os.path.join(run_dir, runs.CONFIG_FILE))
-    ):
-        raise _UsageError(f"--out {run_dir!r} already holds files but no fmjax run; choose a new directory")
-    try:
-        runs.check_run_dir(config, run_dir)
-    except ValueError as error:
-        raise _UsageError(str(error)) from None
-    # every process checks the directory as it was before process 0 writes the config into it
-    runs.barrier("fmjax: run directory checked")
+    if jax.process_count() == 1:  # a quick answer before the data are read (train checks it again)
+        try:
+            runs.check_run_dir(config, run_dir)
+        except ValueError as error:
+            raise _UsageError(str(error)) from None
+    if _interrupts.requested():
+        return _interrupted("interrupted before training started; nothing was written")
 
     bar = tqdm(total=config.steps, desc="train", unit="step", disable=args.no_progress, dynamic_ncols=True)
     start = time.perf_counter()
+    _interrupts.defer = True
     try:
         run = runs.train(
             config,
             run_dir,
             progress=bar.update,
-            log=lambda message: bar.write(message),
+            log=lambda message: bar.write(_name_flags(message, "train")),
             data_dir=args.data_dir,
             devices=args.devices,
             pipeline=args.pipeline,
+            stop=_interrupts.requested,
         )
-    except ValueError as error:
+    except runs.TrainingInterrupted as stopped:
+        bar.close()
+        print(f"fmjax: {stopped}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, TypeError) as error:
         raise _UsageError(str(error)) from None
     finally:
+        _interrupts.defer = False
         bar.close()
     train_time = time.perf_counter() - start
-    import jax
-
+    if _interrupts.requested():  # after the last dispatch
+        steps = int(run.state.step)
+        return _interrupted(f"interrupted after training {steps} steps (saved); rerun to evaluate")
     if jax.process_index() != 0:  # process 0 evaluates and reports
         return 0
-    summary = runs.evaluate(run, run_dir, plots=not args.no_plots, data_dir=args.data_dir)
+    in_evaluation = "interrupted during the evaluation; training is complete: rerun the command to evaluate"
+    try:
+        summary = runs.evaluate(run, run_dir, plots=not args.no_plots, data_dir=args.data_dir)
+    except KeyboardInterrupt:
+        return _interrupted(in_evaluation)
+    if _interrupts.requested():
+        return _interrupted(in_evaluation)
     print(f"run directory: {run_dir}")
     print(f"trained {config.steps} steps in {train_time:.1f} s")
     if config.dataset is not None:
@@ -279,13 +369,26 @@ def _add_run_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _interrupted(message: str) -> int:
+    print(f"fmjax: {message}", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _warn(message: str) -> None:
+    print(f"fmjax: warning: {message}", file=sys.stderr)
+
+
 def _load(run_dir: str):
+    """The run, from its newest checkpoint that reads back (a warning line for each newer one that
+    does not); its evaluated parameters must be finite."""
     from fmjax import runs
 
     try:
-        return runs.load_run(run_dir)
+        run = runs.load_run(run_dir, log=_warn)
+        runs.check_finite_params(run)
     except (ValueError, TypeError, FileNotFoundError) as error:
         raise _UsageError(str(error)) from None
+    return run
 
 
 def _cmd_sample(args) -> int:
@@ -323,9 +426,12 @@ def _cmd_sample(args) -> int:
 
 
 def _cmd_nll(args) -> int:
-
     from fmjax import runs
+    from fmjax.sampling import SOLVERS
 
+    if args.solver in SOLVERS and not SOLVERS[args.solver].adaptive:
+        adaptive = ", ".join(name for name, solver in SOLVERS.items() if solver.adaptive)
+        raise _UsageError(f"--solver must be adaptive ({adaptive}); got {args.solver!r}")
     run = _load(args.run_dir)
     if run.config.dataset is not None:
         from fmjax import image_runs
@@ -365,13 +471,11 @@ def _cmd_nll(args) -> int:
 
 
 def _report_nll(run_dir: str, result: dict, message: str) -> int:
-    """Append the result to the run's metrics (nothing is overwritten) and print it."""
-    import json
-
+    """Append the result to the run's metrics (nothing is overwritten; safe beside a training run) and
+    print it."""
     from fmjax import runs
 
-    with open(os.path.join(run_dir, runs.METRICS_FILE), "a") as f:
-        f.write(json.dumps({"event": "nll", **result}) + "\n")
+    runs.append_record(os.path.join(run_dir, runs.METRICS_FILE), {"event": "nll", **result})
     print(message)
     return 0
 
@@ -404,17 +508,28 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     _add_train(sub)
     _add_run_commands(sub)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
+        _interrupts.count, _interrupts.defer = 0, False
+        previous = signal.signal(signal.SIGINT, _interrupts)
+    command = None
     try:
         args = parser.parse_args(argv)
+        command = args.command
         if args.command is None:
             raise _UsageError(f"a command is required: one of {', '.join(COMMANDS)}")
-        command = COMMANDS[check_choice("command", args.command, COMMANDS)]
-        return command(args)
-    except (_UsageError, FloatingPointError, OSError) as error:
-        # OSError: missing paths, and a full disk while writing (the checkpoints already written stay)
+        return COMMANDS[check_choice("command", args.command, COMMANDS)](args)
+    except (_UsageError, FloatingPointError, OSError, ValueError, TypeError) as error:
+        # OSError: missing paths, a locked run directory, a full disk while writing (the checkpoints already
+        # written stay); ValueError/TypeError: bad values the library found
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"fmjax: error: {message}", file=sys.stderr)
+        print(f"fmjax: error: {_name_flags(message, command)}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        return _interrupted("interrupted; the checkpoints written are intact: run the same command to resume")
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

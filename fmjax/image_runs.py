@@ -38,10 +38,24 @@ def _mults(config) -> tuple[int, ...]:
 
 
 def build(config) -> tuple[Callable, optax.GradientTransformation, TrainState]:
-    """UNet apply_fn, optimiser and initial state of an image run."""
-    model = UNet(
-        in_channels=_shape(config)[-1], channels=config.width, channel_mults=_mults(config), seed=config.seed
-    )
+    """UNet apply_fn, optimiser and initial state of an image run.
+
+    Raises ValueError naming ``width`` when the UNet cannot be built with it (its GroupNorms need channel
+    counts that 8 groups divide: multiples of 8 always do).
+    """
+    try:
+        model = UNet(
+            in_channels=_shape(config)[-1],
+            channels=config.width,
+            channel_mults=_mults(config),
+            seed=config.seed,
+        )
+    except ValueError as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(
+            f"width must make a UNet for {config.dataset!r} whose GroupNorms divide their channels "
+            f"(multiples of 8 do); got {config.width} ({reason})"
+        ) from None
     apply_fn, params = functional(model)
     optimizer = optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
     key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)

@@ -6,19 +6,27 @@ A run directory holds:
 
 - ``config.json``: the ``RunConfig``, and under ``environment`` the devices of the first start;
 - ``metrics.jsonl``: one JSON object a line (training records with the host's input and solve time, then the
-  evaluation);
-- ``checkpoints/<step>/``: orbax checkpoints of the ``TrainState``;
+  evaluation); lines that do not parse (a record cut short by a killed process, a garbled line) are moved
+  to ``metrics.jsonl.corrupt`` when training resumes, and reported;
+- ``checkpoints/<step>/``: orbax checkpoints of the ``TrainState``; an unreadable one is renamed
+  ``<step>.corrupt``, never deleted;
+- ``train.lock``: present while an ``fmjax train`` writes the directory (its pid and host inside);
 - ``samples.png``, ``trajectories.png``, ``loss.png``: plots;
 - ``summary.json``: the final evaluation.
+
+Nothing is written before the configuration and the data have been checked, and a readable checkpoint is
+never renamed, moved or deleted by a failure.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
+import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -42,12 +50,22 @@ from fmjax.paths import PATHS, make_path
 from fmjax.sampling import SOLVERS, as_velocity, sample
 from fmjax.training import TrainState, make_train_step
 
-__all__ = ["RunConfig", "Run", "train", "evaluate", "load_run", "generate", "negative_log_likelihood"]
+__all__ = [
+    "RunConfig",
+    "Run",
+    "TrainingInterrupted",
+    "train",
+    "evaluate",
+    "load_run",
+    "generate",
+    "negative_log_likelihood",
+]
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
+LOCK_FILE = "train.lock"
 SIGMA_PATHS = ("condot", "linear", "sb")
 DEFAULT_SIGMA = 0.1
 DEFAULT_SIGMA_IMAGES = 1e-4
@@ -161,6 +179,7 @@ class RunConfig:
             coupling=independent() if host_pairs else self.make_coupling(),
             ema_decay=self.ema_decay,
             log_grad_norm=True,
+            check_finite=True,
             skip_nonfinite=self.on_nonfinite == "skip",
             mesh=mesh,
         )
@@ -220,25 +239,120 @@ class Run:
         return cls(config=config, apply_fn=apply_fn, optimizer=optimizer, state=state)
 
 
-def resume_metrics(metrics_path: str, done: int) -> None:
-    """Drop the training records of ``metrics_path`` past step ``done`` (the resumed checkpoint).
+class TrainingInterrupted(Exception):
+    """``train`` stopped because its ``stop`` callback asked it to (Ctrl-C in ``fmjax train``).
 
-    Those steps are recomputed identically after a resume, so keeping them would log them twice; event records
-    (evaluations, notes) and the records up to ``done`` stay. The file is rewritten atomically.
+    Attributes:
+      step: the steps trained.
+      checkpoint: the newest checkpoint on disk (None if none); the same command resumes from it.
+    """
+
+    def __init__(self, step: int, checkpoint: int | None):
+        self.step, self.checkpoint = step, checkpoint
+        saved = f"checkpoint {checkpoint} is saved" if checkpoint is not None else "no checkpoint yet"
+        super().__init__(f"interrupted at step {step} ({saved}); resume with the same command")
+
+
+def _metrics_record(line: str) -> dict | None:
+    """The record of one metrics line, or None if it is not one (cut short, garbled, not an object)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    if "event" in record or (isinstance(record.get("step"), int) and not isinstance(record["step"], bool)):
+        return record
+    return None
+
+
+def resume_metrics(metrics_path: str, done: int, log: Callable[[str], Any] | None = None) -> None:
+    """Drop the training records of ``metrics_path`` past step ``done`` (the resumed checkpoint); move the
+    lines that are not records to ``metrics_path + ".corrupt"``.
+
+    Those steps are recomputed identically after a resume, so keeping them would log them twice; event
+    records (evaluations, notes) and the records up to ``done`` stay, byte for byte. A line that does not
+    parse (a last record cut short by a killed process, a garbled line anywhere) is appended to the
+    ``.corrupt`` file (kept, never deleted) and reported through ``log`` with its line number: a resume
+    never fails on the metrics. The file is rewritten atomically, under the lock ``append_record`` takes.
     """
     if not os.path.exists(metrics_path):
         return
-    with open(metrics_path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    kept = [r for r in records if "event" in r or r.get("step", 0) <= done]
-    if len(kept) < len(records):
-        _write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+    with open(metrics_path, "rb") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # an `fmjax nll` appending now waits, then appends to the new file
+        text = f.read().decode("utf-8", errors="replace")
+        lines = text.split("\n")
+        kept, bad, dropped = [], [], False
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            record = _metrics_record(line)
+            if record is None:
+                bad.append((number, line))
+            elif "event" in record or record["step"] <= done:
+                kept.append(line)
+            else:
+                dropped = True
+        if not (bad or dropped or (text and not text.endswith("\n"))):
+            return
+        if bad:
+            with open(metrics_path + ".corrupt", "a") as corrupt:
+                corrupt.write("".join(line + "\n" for _, line in bad))
+            numbers = ", ".join(str(n) for n, _ in bad)
+            cut = " (the last one cut short by an interrupted write)" if bad[-1][0] == len(lines) else ""
+            if log is not None:
+                log(
+                    f"{metrics_path}: line(s) {numbers} are not metrics records{cut}; moved to "
+                    f"{os.path.basename(metrics_path)}.corrupt"
+                )
+        _write_atomic(metrics_path, "".join(line + "\n" for line in kept))
 
 
-def first_nonfinite(losses: np.ndarray, skipped: np.ndarray) -> int | None:
-    """Index of the first non-finite loss among the steps that were not skipped, or None."""
-    bad = np.flatnonzero(~np.isfinite(losses) & (skipped == 0))
+def append_record(path: str, record: dict[str, Any]) -> None:
+    """Append one JSON record as a line to ``path`` (created if missing), under an exclusive ``flock``.
+
+    Safe beside a training run: a rewrite by ``resume_metrics`` is waited for and the record goes to the new
+    file; a last line cut short by a killed writer is ended first, so the record stays a line of its own.
+    """
+    line = (json.dumps(record) + "\n").encode()
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if not current:  # replaced by a rewrite while this waited: append to the new file
+                continue
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = b"\n" + line
+            os.write(fd, line)
+            return
+        finally:
+            os.close(fd)
+
+
+def first_nonfinite(nonfinite: np.ndarray, skipped: np.ndarray) -> int | None:
+    """Index of the first step whose loss, gradient or updated state is not finite (``nonfinite`` != 0)
+    among the steps that were not skipped, or None."""
+    bad = np.flatnonzero((nonfinite != 0) & (skipped == 0))
     return int(bad[0]) if bad.size else None
+
+
+def _nonfinite_message(code: int, loss: float, grad_norm: float) -> str:
+    from fmjax.training import NONFINITE_GRADIENT, NONFINITE_LOSS, NONFINITE_STATE
+
+    parts = []
+    if code & NONFINITE_LOSS:
+        parts.append(f"the loss ({loss})")
+    if code & NONFINITE_GRADIENT:
+        parts.append(f"the gradient norm ({grad_norm})")
+    if code & NONFINITE_STATE:
+        parts.append("the updated parameters or optimiser state")
+    joined = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"{joined} became non-finite"
 
 
 def _next_chunk(step: int, config: RunConfig) -> int:
@@ -278,18 +392,195 @@ def _read_config(run_dir: str) -> RunConfig:
         raise ValueError(f"{path!r} is not an fmjax run configuration ({error})") from None
 
 
+def _differing(config: RunConfig, existing: RunConfig) -> list[str]:
+    return sorted(k for k, v in config.to_json().items() if existing.to_json().get(k) != v)
+
+
 def check_run_dir(config: RunConfig, run_dir: str | os.PathLike) -> None:
-    """Raise a ValueError if ``run_dir`` holds a run of another configuration (a new directory passes)."""
+    """Raise a ValueError if ``run_dir`` cannot hold a run of ``config``; a new directory passes.
+
+    Refused: a file in place of the directory (or of its ``checkpoints``, ``config.json`` or
+    ``metrics.jsonl``), a directory that holds files but no fmjax run, a run of another configuration
+    that has saved checkpoints. A run of another configuration that never saved a checkpoint (it failed
+    or was stopped before its first) passes: ``train`` starts it again (see there). Nothing is written.
+    """
     run_dir = os.fspath(run_dir)
+    if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
+        raise ValueError(f"run_dir {run_dir!r} is a file, not a directory")
+    if not os.path.isdir(run_dir):
+        return
+    for name, is_kind, kind in (
+        (CHECKPOINT_DIR, os.path.isdir, "directory"),
+        (CONFIG_FILE, os.path.isfile, "file"),
+        (METRICS_FILE, os.path.isfile, "file"),
+    ):
+        path = os.path.join(run_dir, name)
+        if os.path.lexists(path) and not is_kind(path):
+            raise ValueError(
+                f"run_dir {run_dir!r}: {name} is not a {kind}; move it away to use this directory "
+                "(nothing was changed)"
+            )
     if not os.path.exists(os.path.join(run_dir, CONFIG_FILE)):
+        if set(os.listdir(run_dir)) - {LOCK_FILE}:
+            raise ValueError(
+                f"run_dir {run_dir!r} already holds files but no fmjax run; choose a new directory"
+            )
         return
     existing = _read_config(run_dir)
-    if existing != config:
-        changed = sorted(k for k, v in config.to_json().items() if existing.to_json().get(k) != v)
+    if existing != config and _has_checkpoints(run_dir):
         raise ValueError(
             f"run directory {run_dir!r} belongs to a different configuration "
-            f"(differs in {', '.join(changed)}); use a new --out"
+            f"(differs in {', '.join(_differing(config, existing))}); use a new --out"
         )
+
+
+def _has_checkpoints(run_dir: str) -> bool:
+    """Whether anything was ever saved in the run's checkpoint directory (step folders, set aside ones)."""
+    directory = os.path.join(run_dir, CHECKPOINT_DIR)
+    return os.path.isdir(directory) and bool(os.listdir(directory))
+
+
+class RunLock:
+    """An exclusive lock on a run directory: ``flock`` on ``RUN/train.lock``, which holds the pid and host.
+
+    The kernel releases a ``flock`` when its process ends, however it ends, so a lock file left behind by
+    a killed run does not lock anything: the next ``acquire`` takes it over. ``release`` removes the file.
+    """
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+        self.path = os.path.join(run_dir, LOCK_FILE)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise BlockingIOError naming the holder (one line) if another process has it."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process"
+                os.close(fd)
+                raise BlockingIOError(
+                    f"run_dir {self.run_dir!r} is in use by another fmjax train ({holder}); wait for it to "
+                    "finish or choose another directory"
+                ) from None
+            try:  # a holder releasing removes the file: this one may be locked but no longer in place
+                current = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Remove the lock file and release the lock; a no-op when not held."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        os.close(self._fd)
+        self._fd = None
+
+
+def _take_run_dir(config: RunConfig, run_dir: str, environment: dict, say: Callable[[str], Any]) -> RunLock:
+    """Check ``run_dir``, lock it and write the configuration of a new run (process 0)."""
+    check_run_dir(config, run_dir)  # before anything is written
+    created = not os.path.isdir(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    lock = RunLock(run_dir)
+    try:
+        lock.acquire()
+        check_run_dir(config, run_dir)  # again under the lock: another run may have written it meanwhile
+        config_path = os.path.join(run_dir, CONFIG_FILE)
+        if os.path.exists(config_path):
+            existing = _read_config(run_dir)
+            if existing != config:  # it never saved a checkpoint (check_run_dir): start it again
+                kept = [_keep_aside(os.path.join(run_dir, name)) for name in (CONFIG_FILE, METRICS_FILE)]
+                differs = ", ".join(_differing(config, existing))
+                names = ", ".join(os.path.basename(k) for k in kept if k)
+                say(
+                    f"run directory {run_dir} held a run of another configuration (differs in {differs}) "
+                    f"that saved no checkpoint; starting again with this one (kept: {names})"
+                )
+        if not os.path.exists(config_path):
+            _write_atomic(config_path, json.dumps({**config.to_json(), "environment": environment}, indent=2))
+    except BaseException:
+        lock.release()
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(run_dir)
+        raise
+    return lock
+
+
+def _keep_aside(path: str) -> str | None:
+    """Rename ``path`` to ``path.old`` (``.old1``, ... if taken); the new name, or None if it is missing."""
+    if not os.path.exists(path):
+        return None
+    destination, suffix = path + ".old", 1
+    while os.path.lexists(destination):
+        destination, suffix = f"{path}.old{suffix}", suffix + 1
+    os.rename(path, destination)
+    return destination
+
+
+def _agree(run_dir: str, config: RunConfig, error: BaseException | None) -> None:
+    """Every process of a multi-process run checks that it was given process 0's run directory and
+    configuration, and started; if any did not, every process raises (one line) instead of waiting."""
+    from jax.experimental import multihost_utils
+
+    from fmjax.checkpoint import _from_process_0
+
+    mine = {"run_dir": os.path.abspath(run_dir), "config": config.to_json()}
+    first = _from_process_0(mine if jax.process_index() == 0 else None)
+    code = (
+        (mine["run_dir"] != first["run_dir"]) * 1
+        + (mine["config"] != first["config"]) * 2
+        + (error is not None) * 4
+    )
+    codes = np.asarray(multihost_utils.process_allgather(np.int32(code))).reshape(-1)
+    if not codes.any():
+        return
+    if error is not None:
+        raise error
+    parts = []
+    if (codes & 1).any():
+        parts.append(
+            f"process(es) {np.flatnonzero(codes & 1).tolist()} got another run_dir than process 0's "
+            f"{first['run_dir']!r}"
+        )
+    if (codes & 2).any():
+        differs = _differing(config, RunConfig.from_json(first["config"])) if code & 2 else []
+        parts.append(
+            f"process(es) {np.flatnonzero(codes & 2).tolist()} got another configuration than process 0"
+            + (f" (differs in {', '.join(differs)})" if differs else "")
+        )
+    if (codes & 4).any():
+        parts.append(f"process(es) {np.flatnonzero(codes & 4).tolist()} failed to start (see their output)")
+    raise ValueError(
+        "the processes of a multi-process run must be given the same run_dir and configuration: "
+        + "; ".join(parts)
+    )
+
+
+def _broadcast_outcome(error: BaseException | None) -> None:
+    """Process 0's outcome (an error or none) on every process: the others raise it as one line too."""
+    from fmjax.checkpoint import _from_process_0
+
+    if jax.process_index() == 0:
+        message = (str(error).splitlines() or [type(error).__name__])[0] if error is not None else None
+        outcome = {"error": message, "value": isinstance(error, ValueError)}
+        _from_process_0(outcome)
+        if error is not None:
+            raise error
+        return
+    outcome = _from_process_0(None)
+    if outcome["error"] is not None:
+        raise (ValueError if outcome["value"] else OSError)(f"process 0: {outcome['error']}")
 
 
 def make_mesh(devices: int | None = None) -> Mesh | None:
@@ -402,11 +693,21 @@ def train(
     pipeline: bool = True,
     solver_threads: int | None = None,
     source: Any = None,
+    stop: Callable[[], bool] | None = None,
 ) -> Run:
     """Train ``config`` in ``run_dir``, resuming exactly from its latest good checkpoint if it has one.
 
     One loop for every data source (2D samplers, tfds images). A new directory gets the config; one that
-    holds a run must hold the same config (else a ValueError names the differing fields).
+    holds a run must hold the same config (else a ValueError names the differing fields), unless that
+    run never saved a checkpoint: then it starts again with ``config`` (its ``config.json`` and
+    ``metrics.jsonl`` kept as ``.old``, reported through ``log``).
+
+    Before anything is written, the configuration, devices, data and model are checked (ValueError /
+    TypeError naming the argument), then ``run_dir`` (see ``check_run_dir``). The directory is locked
+    while training (``train.lock``): a second ``train`` of it raises BlockingIOError at once, and a lock
+    left by a killed process is taken over. With several processes (jax.distributed) every process
+    must be given the same ``run_dir`` and ``config``; if one is not, or fails to start, all raise
+    within the start-up instead of waiting for each other. Process 0 alone locks and writes.
 
     Devices: the batch is sharded over ``devices`` devices (default: every device the run sees, over all
     processes), the state replicated; the loss is the mean over the global batch, so the run trains what
@@ -420,36 +721,87 @@ def train(
     device runs chunk k, once per global batch, and the step receives the pairs as a sharded input
     (``pipeline=False`` solves inside the step, where the device waits for the host). Checkpoints are
     written asynchronously every ``checkpoint_every`` steps and at the end, keeping the last
-    ``keep_checkpoints``; unreadable ones are reported through ``log`` and set aside.
+    ``keep_checkpoints``; unreadable ones are reported through ``log`` and set aside, and so are
+    unparsable lines of ``metrics.jsonl`` (``resume_metrics``).
     ``progress(n)`` is called after every chunk of n steps.
+
+    Non-finite values: every step reports whether its loss, gradient norm and updated parameters and
+    optimiser state are finite. With ``on_nonfinite="stop"`` the first bad step raises
+    FloatingPointError naming the step and the quantity; that state is never saved, and the checkpoints
+    already written are kept. With ``"skip"`` such steps leave the state unchanged and are counted.
+
+    ``stop()`` (e.g. set by Ctrl-C) is polled before every dispatch (by all processes together); when it
+    returns True the loop saves the current step if it is at a log boundary and not saved yet, waits for
+    the checkpoint writes and raises ``TrainingInterrupted``. The same call resumes it, bit for bit.
 
     ``source`` replaces the data the configuration names (``fmjax.data.sources``: an object with
     ``host_spec()``, ``host_batch(step)`` and ``pair(key, host)``, e.g. an ``ImageSource`` over any
     random-access records); the model still follows ``config`` (``dataset`` picks the UNet's shape).
     """
-    from fmjax._pipeline import HostPairs, Prefetcher
-
     run_dir = os.fspath(run_dir)
     say = log or (lambda message: None)
-    mesh = make_mesh(devices)
-    device_count = 1 if mesh is None else mesh.devices.size
-    if config.batch_size % device_count:
-        raise ValueError(
-            f"batch_size {config.batch_size} cannot be split evenly over {device_count} devices; "
-            f"use a multiple of {device_count} or restrict the devices (--devices)"
-        )
-    if source is None:
-        source = _source(config, data_dir)  # validates the data before anything is written
-    env = environment(mesh)
-    config_path = os.path.join(run_dir, CONFIG_FILE)
-    if os.path.exists(config_path):
-        check_run_dir(config, run_dir)
-    elif jax.process_index() == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        _write_atomic(config_path, json.dumps({**config.to_json(), "environment": env}, indent=2))
-    barrier("fmjax: run directory ready")
 
-    run = Run.build(config)
+    def prepare():
+        mesh = make_mesh(devices)
+        device_count = 1 if mesh is None else mesh.devices.size
+        if config.batch_size % device_count:
+            raise ValueError(
+                f"batch_size {config.batch_size} cannot be split evenly over {device_count} devices; "
+                f"use a multiple of {device_count} or restrict the devices (--devices)"
+            )
+        data = _source(config, data_dir) if source is None else source
+        return mesh, data, Run.build(config)
+
+    # everything that can be checked is checked before anything is written
+    if jax.process_count() == 1:
+        mesh, data, run = prepare()
+    else:
+        prepared, failure = None, None
+        try:
+            prepared = prepare()
+        except Exception as error:  # any failure to start: the other processes must not wait for this one
+            failure = error
+        _agree(run_dir, config, failure)
+        mesh, data, run = prepared
+    env = environment(mesh)
+    lock, failure = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = _take_run_dir(config, run_dir, env, say)
+        except Exception as error:
+            failure = error
+    if jax.process_count() > 1:
+        _broadcast_outcome(failure)  # the others wait for process 0's directory; it raises its own error
+    elif failure is not None:
+        raise failure
+    try:
+        state = _train_loop(config, run_dir, run, mesh, data, say, progress, pipeline, solver_threads, stop)
+    finally:
+        if lock is not None:
+            lock.release()
+    if mesh is not None:  # a host copy of the replicated state, for evaluation on one process
+        state = jax.tree.map(lambda a: jnp.asarray(a.addressable_data(0)), state)
+    run.state = state
+    run.environment = env
+    return run
+
+
+def _stop_requested(stop: Callable[[], bool] | None) -> bool:
+    """``stop()``, agreed by all processes (any of them asking stops all, at the same chunk)."""
+    if stop is None:
+        return False
+    asked = bool(stop())
+    if jax.process_count() == 1:
+        return asked
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(asked))).any())
+
+
+def _train_loop(config, run_dir, run, mesh, source, say, progress, pipeline, solver_threads, stop):
+    """The training loop of ``train`` in a locked, checked run directory; returns the final state."""
+    from fmjax._pipeline import HostPairs, Prefetcher
+
     writer = jax.process_index() == 0
     coupling = config.make_coupling()
     host_solved = pipeline and hasattr(coupling, "solve_host")
@@ -475,7 +827,7 @@ def train(
     def scan(state, host, pairs, n):
         state, metrics = jax.lax.scan(one, state, (host, pairs), length=n)
         skipped = metrics.get("skipped", jnp.zeros(n, jnp.int32))
-        return state, metrics["loss"], metrics["grad_norm"], skipped
+        return state, metrics["loss"], metrics["grad_norm"], skipped, metrics["nonfinite"]
 
     def host_inputs(first, host, n):
         steps = first + jnp.arange(n)
@@ -514,12 +866,13 @@ def train(
         )
         if solver is not None:
             stack.callback(solver.close)
-        state, resumed, skipped = ckpt.restore_latest_good(initial)
+        state, resumed, skipped = ckpt.restore_latest_good(initial, accept=_holds_its_step)
         for bad, reason in skipped:
             say(f"checkpoint {bad} is unreadable ({reason}); set aside as {bad}.corrupt")
         done = 0 if resumed is None else int(state.step)
+        saved = done  # the newest step known to be saved (or the start)
         if writer:
-            resume_metrics(metrics_path, done)
+            resume_metrics(metrics_path, done, say)
         if resumed is not None:
             say(f"resuming from checkpoint {resumed}")
             if progress is not None:
@@ -535,30 +888,37 @@ def train(
             pairs = put_pairs(solver.solve(prepare(first, host, n)))
         start, logged, host_busy = time.perf_counter(), [], (0.0, 0.0)
         while upcoming is not None:
+            if _stop_requested(stop):
+                if not logged and done != saved:  # a log boundary: records and state agree here
+                    ckpt.save(done, state)
+                ckpt.wait()
+                raise TrainingInterrupted(done, ckpt.latest_step())
             (first, n), host = upcoming
             upcoming = next(prefetch, None)
             ahead = None
             if solver is not None and upcoming is not None:  # queued before chunk k, so it runs first
                 (next_first, next_n), next_host = upcoming
                 ahead = prepare(next_first, next_host, next_n)
-            state, losses, grad_norm, skip_flags = chunk(state, host, pairs, n)
+            state, losses, grad_norm, skip_flags, nonfinite = chunk(state, host, pairs, n)
             if ahead is not None:  # solved on host threads while the device runs chunk k
                 pairs = put_pairs(solver.solve(ahead))
             losses, skip_flags, grad_norm = np.asarray(losses), np.asarray(skip_flags), np.asarray(grad_norm)
-            bad = first_nonfinite(losses, skip_flags)
-            if bad is not None:  # "stop": this chunk's state is not saved
+            nonfinite = np.asarray(nonfinite)
+            bad = first_nonfinite(nonfinite, skip_flags)
+            if bad is not None:  # "stop": this chunk's state is never saved
                 ckpt.wait()
                 last = ckpt.latest_step()
                 kept = f"the last good checkpoint is step {last}" if last is not None else "no checkpoint yet"
+                what = _nonfinite_message(int(nonfinite[bad]), float(losses[bad]), float(grad_norm[bad]))
                 raise FloatingPointError(
-                    f"loss became {losses[bad]} at step {done + bad + 1}; training stopped. {kept}"
+                    f"{what} at step {done + bad + 1}; training stopped. {kept}"
                     " (lower the learning rate, or pass --on-nonfinite skip)"
                 )
             done += n
             logged.append((losses, skip_flags, grad_norm))
             if skip_flags.any():
                 say(
-                    f"skipped {int(skip_flags.sum())} step(s) with a non-finite loss or gradient, "
+                    f"skipped {int(skip_flags.sum())} step(s) with a non-finite loss, gradient or state, "
                     f"first at step {done - n + int(np.flatnonzero(skip_flags)[0]) + 1}"
                 )
             if done % config.log_every == 0 or done == config.steps:
@@ -574,18 +934,31 @@ def train(
                 logged = []
             if done % config.checkpoint_every == 0 or done == config.steps:
                 ckpt.save(done, state, wait=done == config.steps)
+                saved = done
             if progress is not None:
                 progress(n)
         ckpt.wait()
-    if mesh is not None:  # a host copy of the replicated state, for evaluation on one process
-        state = jax.tree.map(lambda a: jnp.asarray(a.addressable_data(0)), state)
-    run.state = state
-    run.environment = env
-    return run
+    return state
 
 
-def load_run(run_dir: str | os.PathLike) -> Run:
-    """Rebuild a run from its directory: configuration and the latest checkpoint."""
+def _holds_its_step(state: TrainState, step: int) -> str | None:
+    """A checkpoint named ``step`` must hold the state of that step (not a copy of another's)."""
+    held = int(np.asarray(state.step.addressable_data(0)))  # replicated: this process's copy
+    return None if held == step else f"it holds the state of step {held}"
+
+
+def load_run(run_dir: str | os.PathLike, *, log: Callable[[str], Any] | None = None) -> Run:
+    """Rebuild a run from its directory: configuration and the newest checkpoint that reads back.
+
+    Only reads (nothing is renamed or written, so it may run beside ``train``): a newer checkpoint that
+    does not read back is reported through ``log`` ("checkpoint N in DIR is unreadable (...); using
+    checkpoint M") and skipped.
+
+    Raises:
+      FileNotFoundError: ``run_dir`` is not a run, or has no checkpoint that reads back (one line naming
+        the unreadable ones).
+      ValueError: its configuration does not parse, or its ``checkpoints`` is not a directory.
+    """
     run_dir = os.fspath(run_dir)
     config_path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.isdir(run_dir):
@@ -594,11 +967,36 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         raise FileNotFoundError(f"{run_dir!r} is not an fmjax run: no {CONFIG_FILE}")
     config = _read_config(run_dir)
     run = Run.build(config)
-    with Checkpointer(os.path.join(run_dir, CHECKPOINT_DIR)) as ckpt:
+    directory = os.path.join(run_dir, CHECKPOINT_DIR)
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"run {run_dir!r}: {CHECKPOINT_DIR} is not a directory")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"run {run_dir!r} has no checkpoint yet")
+    with Checkpointer(directory, read_only=True) as ckpt:
         if ckpt.latest_step() is None:
             raise FileNotFoundError(f"run {run_dir!r} has no checkpoint yet")
-        run.state = ckpt.restore(run.state)
+        state, step, skipped = ckpt.restore_latest_good(run.state, accept=_holds_its_step)
+    if step is None:
+        unreadable = ", ".join(f"{s} ({reason})" for s, reason in skipped)
+        raise FileNotFoundError(f"run {run_dir!r} has no checkpoint that reads back: {unreadable}"[:400])
+    for bad, reason in skipped:
+        if log is not None:
+            log(f"checkpoint {bad} in {directory} is unreadable ({reason}); using checkpoint {step}")
+    run.state = state
     return run
+
+
+def check_finite_params(run: Run) -> Any:
+    """The parameters a run evaluates with (EMA unless ``eval_ema=False``); ValueError if any is NaN/inf."""
+    params = run.state.ema_params if run.config.eval_ema else run.state.params
+    leaves = [x for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    if leaves and not bool(jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))):
+        which = "EMA parameters" if run.config.eval_ema else "parameters"
+        raise ValueError(
+            f"run's {which} at step {int(run.state.step)} are not finite (NaN or inf): nothing to evaluate; "
+            "train it again with a lower learning rate"
+        )
+    return params
 
 
 def evaluate(
@@ -612,6 +1010,7 @@ def evaluate(
     between two independent target samples of the same size: no model can be expected to go below it.
     """
     config = run.config
+    check_finite_params(run)
     if config.dataset is not None:
         from fmjax import image_runs
 
@@ -619,8 +1018,7 @@ def evaluate(
             config, run.apply_fn, run.state, os.fspath(run_dir), data_dir=data_dir, plots=plots,
             environment=run.environment,
         )  # fmt: skip
-        with open(os.path.join(os.fspath(run_dir), METRICS_FILE), "a") as f:
-            f.write(json.dumps({"event": "eval", **summary}) + "\n")
+        append_record(os.path.join(os.fspath(run_dir), METRICS_FILE), {"event": "eval", **summary})
         return summary
     key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 3)
     k_source, k_target, k_floor = jax.random.split(key, 3)
@@ -651,10 +1049,8 @@ def evaluate(
         **({"environment": run.environment} if run.environment else {}),
     }
     run_dir = os.fspath(run_dir)
-    with open(os.path.join(run_dir, SUMMARY_FILE), "w") as f:
-        json.dump(summary, f, indent=2)
-    with open(os.path.join(run_dir, METRICS_FILE), "a") as f:
-        f.write(json.dumps({"event": "eval", **summary}) + "\n")
+    _write_atomic(os.path.join(run_dir, SUMMARY_FILE), json.dumps(summary, indent=2))
+    append_record(os.path.join(run_dir, METRICS_FILE), {"event": "eval", **summary})
     if plots:
         from fmjax import plotting
 
@@ -676,7 +1072,7 @@ def generate(
     check_int("n", n, low=1)
     key = jax.random.fold_in(jax.random.PRNGKey(seed), 4)
     k_source, k_target = jax.random.split(key)
-    params = run.state.ema_params if run.config.eval_ema else run.state.params
+    params = check_finite_params(run)
     x0 = toy_sample(run.config.source, k_source, n)
     result = sample(as_velocity(run.apply_fn, params), x0, solver=solver, steps=steps)
     x1 = np.asarray(result.x1)
@@ -705,7 +1101,7 @@ def negative_log_likelihood(
     key = jax.random.fold_in(jax.random.PRNGKey(seed), 5)
     k_target, k_probe = jax.random.split(key)
     x1 = toy_sample(run.config.target, k_target, n)
-    params = run.state.ema_params if run.config.eval_ema else run.state.params
+    params = check_finite_params(run)
     result = log_likelihood(
         as_velocity(run.apply_fn, params),
         x1,

@@ -52,14 +52,15 @@ def test_resumed_config_rebuilds_the_trained_state(tmp_path):
     [
         (["train", "--path", "ot"], "path must be one of 'condot', 'linear', 'sb', 'vp', 'vp_diffusion'"),
         (["train", "--coupling", "hungarian"], "coupling must be one of"),
-        (["train", "--coupling-scope", "world"], "coupling_scope must be one of 'global', 'local'"),
+        (["train", "--coupling-scope", "world"], "--coupling-scope must be one of 'global', 'local'"),
         (["train", "--source", "mnist"], "source must be one of"),
         (["train", "--steps", "0"], "steps must be >= 1"),
         (["train", "--steps", "ten"], "invalid int value"),
-        (["train", "--sigma", "-1"], "sigma must be >= 0"),
-        (["train", "--path", "vp", "--sigma", "0.2"], "sigma is not a parameter of path 'vp'"),
-        (["train", "--eval-solver", "euler"], "eval_solver must be adaptive"),
-        (["train", "--learning-rate", "nan"], "learning_rate must be finite"),
+        (["train", "--sigma", "-1"], "--sigma must be >= 0"),
+        (["train", "--path", "condot", "--sigma", "-1"], "--sigma must be >= 0"),
+        (["train", "--path", "vp", "--sigma", "0.2"], "--sigma is not a parameter of --path 'vp'"),
+        (["train", "--eval-solver", "euler"], "--eval-solver must be adaptive"),
+        (["train", "--learning-rate", "nan"], "--learning-rate must be finite"),
         (["train", "--coupling", "sb", "--path", "vp"], "coupling 'sb' needs a path with sigma > 0"),
         (["frobnicate"], "invalid choice"),
         ([], "a command is required"),
@@ -97,7 +98,7 @@ def test_a_run_of_another_configuration_is_not_touched(tmp_path, capsys):
     before = {p: (out / p).read_bytes() for p in ("config.json", "metrics.jsonl", "summary.json")}
     capsys.readouterr()
     assert main(["train", "--out", str(out), *SMALL, "--no-plots", "--width", "32"]) == 2
-    assert "belongs to a different configuration (differs in width)" in capsys.readouterr().err
+    assert "belongs to a different configuration (differs in --width)" in capsys.readouterr().err
     assert {p: (out / p).read_bytes() for p in before} == before
 
 
@@ -105,7 +106,7 @@ def test_console_script_runs(tmp_path):
     script = os.path.join(os.path.dirname(sys.executable), "fmjax")
     result = subprocess.run([script, "train", "--steps", "0"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert result.stderr.strip() == "fmjax: error: steps must be >= 1; got 0"
+    assert result.stderr.strip() == "fmjax: error: --steps must be >= 1; got 0"
 
 
 @pytest.mark.parametrize(("coupling", "path"), [("exact", "linear"), ("sinkhorn", "condot"), ("sb", "sb")])
@@ -148,9 +149,9 @@ def test_sample_and_nll_on_a_trained_run(tmp_path, capsys):
         (["nll", "{missing}"], "does not exist"),
         (["nll", "{empty}"], "is not an fmjax run"),
         (["nll", "{run}", "--divergence", "trace"], "divergence must be one of"),
-        (["nll", "{run}", "--divergence", "hutchinson", "--num-probes", "0"], "num_probes must be >= 1"),
-        (["sample", "{run}", "--solver", "rk4"], "solver must be one of"),
-        (["sample", "{run}", "--solver", "euler"], "steps is required for solver 'euler'"),
+        (["nll", "{run}", "--divergence", "hutchinson", "--num-probes", "0"], "--num-probes must be >= 1"),
+        (["sample", "{run}", "--solver", "rk4"], "--solver must be one of"),
+        (["sample", "{run}", "--solver", "euler"], "--steps is required for --solver 'euler'"),
     ],
 )
 def test_run_commands_reject_bad_input(args, message, tmp_path, capsys):
