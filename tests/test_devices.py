@@ -13,7 +13,12 @@ import pytest
 HERE = os.path.dirname(__file__)
 
 
-@pytest.fixture(scope="module", params=[4, 8], ids=lambda n: f"{n}dev")
+# 8 devices in the default run; 4 (the same checks, another split of the batch) with -m slow
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param(4, marks=pytest.mark.slow), 8],
+    ids=lambda n: f"{n}dev",
+)
 def results(request, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("tfds")
     env = dict(os.environ, JAX_PLATFORMS="cpu", FMJAX_DATA_DIR=str(data_dir))
