@@ -58,8 +58,36 @@ def test_quick_setting_writes_the_table_figure_and_resumes(tmp_path):
     assert again == records
 
 
+def test_frechet_distance_closed_forms():
+    # same sample covariance C: a shift m gives ||m||^2; doubling gives ||mu||^2 + tr(5C - 2 (4 C^2)^(1/2))
+    x = np.random.default_rng(0).normal(size=(500, 6)) @ np.diag([0.5, 1.0, 1.5, 2.0, 0.1, 3.0])
+    shift = np.arange(6.0) / 4
+    assert straightness.frechet_distance(x, x) == pytest.approx(0.0, abs=1e-9)
+    assert straightness.frechet_distance(x, x + shift) == pytest.approx(np.sum(shift**2), rel=1e-9)
+    doubled = np.sum(x.mean(0) ** 2) + np.trace(np.cov(x, rowvar=False))
+    assert straightness.frechet_distance(x, 2 * x) == pytest.approx(doubled, rel=1e-7)
+
+
 def test_unknown_task_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit) as error:
         straightness.main(["--quick", "--tasks", "moons -> digits", "--out", str(tmp_path)])
     assert error.value.code == 2
     assert "--tasks: unknown ['moons -> digits']" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_digits_setting_reports_frechet_distances(tmp_path):
+    # the UNet path: its compiles take about a minute on a 2-core CPU, hence slow
+    args = ["--quick", "--tasks", "digits", "--out", str(tmp_path), "--work", str(tmp_path / "work")]
+    records = straightness.main(args)
+    assert sorted(r["method"] for r in records) == sorted(METHODS)
+    for r in records:
+        assert r["metric"] == "FD (pixels)" and "crossing_training_pairs" not in r
+        distances = [r[f"distance_euler_{n}"] for n in (1, 2, 4, 8)] + [r["distance_dopri5"]]
+        assert np.isfinite(distances).all() and min(distances) > 0, r
+    table = (tmp_path / "straightness.md").read_text()
+    section = table.split("## digits\n")[1]
+    assert "FD between the 360 real test digits and the 1437 training digits" in section
+    for method in METHODS:
+        assert _row(section, method)[1] == "1"
+    assert (tmp_path / "straightness_digits.png").stat().st_size > 5_000
