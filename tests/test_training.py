@@ -206,7 +206,6 @@ def test_check_finite_reports_what_went_nonfinite(apply_fn, params, optimizer, x
     assert finite == (skip or expected & 4 == 0)
 
 
-
 def test_step_metrics_carry_the_coupling_status_and_names_build_the_same_step():
     """A coupling that reports a status (Sinkhorn) puts it in the step's metrics; names resolve through the
     registries to the factories' defaults, so the step computes the same loss as with the objects."""
