@@ -21,10 +21,6 @@ import threading
 import time
 from typing import Any
 
-import numpy as np
-
-from fmjax._checks import check_choice
-
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -101,6 +97,11 @@ class _Interrupts:
 
 
 _interrupts = _Interrupts()
+if os.path.basename(sys.argv[0]) == "fmjax" and threading.current_thread() is threading.main_thread():
+    # the console script: a Ctrl-C while jax and the rest load is answered by main() in one line (this
+    # module imports only the standard library, so the handler is in place within the first 0.1 s)
+    _interrupts.defer = True
+    signal.signal(signal.SIGINT, _interrupts)
 
 
 class _UsageError(Exception):
@@ -185,14 +186,15 @@ def _add_train(sub) -> None:
     p.add_argument(
         "--on-nonfinite",
         default=defaults.on_nonfinite,
-        help="a NaN/inf loss or gradient: 'stop' (error naming the step; the last good checkpoint is kept) "
-        "or 'skip' (leave the state unchanged for that step)",
+        help="a NaN/inf loss, gradient norm or updated state: 'stop' (error naming the step and the "
+        "quantity; that state is never saved, the last good checkpoint is kept) or 'skip' (leave the state "
+        "unchanged for that step)",
     )
     p.add_argument(
         "--out",
         default=None,
         help="run directory (default: runs/train-<time>); a directory holding a run of the same "
-        "configuration is resumed from its latest checkpoint",
+        "configuration is resumed from its latest readable checkpoint; locked while training",
     )
     p.add_argument(
         "--precision",
@@ -417,6 +419,7 @@ def _cmd_sample(args) -> int:
     except (ValueError, TypeError) as error:
         raise _UsageError(str(error)) from None
     import jax
+    import numpy as np
 
     target = np.asarray(toy_sample(run.config.target, jax.random.PRNGKey(args.seed + 1), args.n))
     plotting.samples(out, x1, target, title=f"{args.solver}: W2 = {w2:.3f}, NFE = {nfe}")
@@ -510,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     _add_run_commands(sub)
     in_main_thread = threading.current_thread() is threading.main_thread()
     if in_main_thread:
+        if _interrupts.requested():  # while the console script loaded
+            return _interrupted("interrupted before it started; nothing was written")
         _interrupts.count, _interrupts.defer = 0, False
         previous = signal.signal(signal.SIGINT, _interrupts)
     command = None
@@ -518,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
         command = args.command
         if args.command is None:
             raise _UsageError(f"a command is required: one of {', '.join(COMMANDS)}")
+        from fmjax._checks import check_choice
+
         return COMMANDS[check_choice("command", args.command, COMMANDS)](args)
     except (_UsageError, FloatingPointError, OSError, ValueError, TypeError) as error:
         # OSError: missing paths, a locked run directory, a full disk while writing (the checkpoints already
@@ -526,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fmjax: error: {_name_flags(message, command)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        return _interrupted("interrupted; the checkpoints written are intact: run the same command to resume")
+        return _interrupted("interrupted; nothing already written was changed")
     finally:
         if in_main_thread:
             signal.signal(signal.SIGINT, previous)

@@ -359,6 +359,26 @@ def test_a_record_appended_after_a_cut_line_stays_a_line_of_its_own(tmp_path):
     ]
 
 
+def test_an_append_waiting_on_a_rewrite_lands_in_the_new_file(tmp_path):
+    """`fmjax nll` appending while `fmjax train` rewrites the metrics on resume: the record is not lost
+    in the replaced file."""
+    import fcntl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 10, "loss": 1.0}\n{"step": 20, "loss": 0.5}\n')
+    with open(path, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # the rewrite of resume_metrics holds this lock
+        appender = threading.Thread(target=runs.append_record, args=(str(path), {"event": "nll", "nll": 2.0}))
+        appender.start()
+        time.sleep(0.2)
+        assert appender.is_alive()  # waiting for the lock
+        replacement = tmp_path / "new"
+        replacement.write_text('{"step": 10, "loss": 1.0}\n')
+        os.replace(replacement, path)
+    appender.join(10)
+    assert path.read_text().splitlines() == ['{"step": 10, "loss": 1.0}', '{"event": "nll", "nll": 2.0}']
+
+
 # --- sample and nll on damaged runs ------------------------------------------------------------------
 
 
@@ -852,3 +872,26 @@ def test_runs_killed_during_async_checkpoint_writes_resume_bitwise(reference, tm
         process.wait()
         train(FAULTY, out)
         assert _final(out) == _final(reference)
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_loading_and_during_the_evaluation(long_reference, tmp_path, capsys):
+    out = tmp_path / "run"
+    process = _start(out)
+    time.sleep(0.3)  # importing jax
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "interrupted before it started" in _one_line(err)
+    assert not out.exists()
+    process = _start(out)
+    _wait_for(lambda: (out / "checkpoints" / "2000").is_dir(), process, timeout=300)
+    time.sleep(0.5)  # evaluating
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    line = _one_line(err)
+    assert process.returncode == 130 and ("training is complete" in line or "after training 2000" in line), (
+        err
+    )
+    assert _final(out) == _final(long_reference)
+    assert main(["train", "--out", str(out), *LONG_CLI]) == 0  # evaluates, trains nothing
+    assert _final(out) == _final(long_reference) and (out / "summary.json").is_file()

@@ -109,7 +109,7 @@ def _kill_trials(n, tmp_path):
     assert [r["bitwise_equal"] for r in records] == [True] * n, records
 
 
-@pytest.mark.slow  # the script's kills and resumes; test_killed_runs_resume_bit_for_bit covers them by default
+@pytest.mark.slow  # kills and resumes: test_killed_runs_resume_bit_for_bit covers them by default
 def test_three_kill_trials(tmp_path):
     _kill_trials(3, tmp_path)
 
