@@ -14,7 +14,7 @@ passed into the step and returned from it:
 >>> x0, x1 = jnp.zeros((32, 2)), jnp.ones((32, 2))
 >>> state, metrics = step(state, x0, x1)
 >>> int(state.step), sorted(metrics)
-(1, ['loss'])
+(1, ['coupling_converged', 'coupling_error', 'loss'])
 
 A conditional model takes the condition as a fourth argument of the step (paired with x1):
 
