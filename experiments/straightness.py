@@ -573,7 +573,7 @@ def draw_figures(out: str, tasks: list[str], models: dict, reflows: dict) -> lis
         drawn.append(name)
     if "digits" in tasks and "digits" in models:
         columns = methods_of(reflows["digits"])
-        fig, axes = plt.subplots(2, len(columns), figsize=(2.4 * len(columns), 5.2), squeeze=False)
+        fig, axes = plt.subplots(2, len(columns), figsize=(2.4 * len(columns), 5.8), squeeze=False)
         for col, (base, k) in enumerate(columns):
             method = method_name(base, k)
             path = os.path.join(models["digits"].work, f"figure-{slug(method)}.npz")
@@ -695,18 +695,23 @@ NOTES = """
 **Does minibatch OT plus reflow beat either alone at one Euler step?** It beats minibatch OT alone
 clearly, and reflow alone only barely or not at all:
 
-- against OT-CFM, one reflow lowers the 1-step W2 in every seed on both 2D tasks (8gaussians -> moons
-  0.230 vs 0.263, N -> moons 0.182 vs 0.230) and the 1-step FD of the digits;
-- against I-CFM + 1 reflow, OT-CFM + 1 reflow is lower by 0.004 ± 0.002 on 8gaussians -> moons (all 3
-  seeds, paired by seed, but a tenth of the seed-to-seed spread of either) and no different on N -> moons
-  (0.001 ± 0.002, 2 of 3 seeds). After one reflow the student's 1-step W2 is within 0.015-0.035 of its own
-  dopri5 W2, which the teacher's dopri5 W2 bounds from below: both teachers reach about the same there
-  (0.19-0.20 and 0.16-0.17), so there is little left for the better-coupled teacher to win.
-- The short-training run (5,000 steps per model, the table "another setting" below each task) shows where
-  the combination does pay: the I-CFM teacher is then undertrained (dopri5 W2 0.267 against 0.194 at
-  20,000 steps on 8gaussians -> moons), its student copies that error, and OT-CFM + 1 reflow beats I-CFM
-  + 1 reflow by 0.035 ± 0.002 (3 of 3 seeds). Minibatch OT converges faster; reflow then removes the
-  rest of the curvature.
+- against OT-CFM, one reflow lowers the 1-step distance in every seed of every task (W2 0.230 vs 0.263 on
+  8gaussians -> moons, 0.182 vs 0.230 on N -> moons; pixel FD 0.51 vs 2.78 on digits);
+- against I-CFM + 1 reflow, OT-CFM + 1 reflow is lower by 0.004 ± 0.002 in W2 on 8gaussians -> moons
+  (all 3 seeds, paired by seed, but a quarter of the seed-to-seed spread of either), no different on
+  N -> moons (0.001 ± 0.002, 2 of 3 seeds), and lower by 0.017 ± 0.013 in FD on digits (3 of 3 seeds,
+  one of them by 0.002). After one reflow the student's 1-step W2 is within 0.015-0.035 of its own
+  dopri5 W2, and that is bounded by the teacher's dopri5 W2 plus the student's fitting error; both
+  teachers reach about the same dopri5 W2 (0.19-0.20 and 0.16-0.17), so there is little left for the
+  better-coupled teacher to win.
+- The short-training run (5,000 steps per model, the table "another setting" below each 2D task) shows
+  where the combination pays: both teachers are then about equally undertrained (dopri5 W2 0.267 and
+  0.259 on 8gaussians -> moons, against 0.19-0.20 at 20,000 steps), but the I-CFM teacher's map is the
+  harder one to learn: its reflow pairs cross 3.5 times as often (0.0146 against 0.0042), and after
+  5,000 steps its student is less straight (0.029 against 0.0044) and lands 0.048 above its own dopri5
+  W2 at one step (OT-CFM's student: 0.022), so OT-CFM + 1 reflow beats I-CFM + 1 reflow by 0.035 ± 0.002
+  (3 of 3 seeds). At 20,000 steps the I-CFM student catches up. On N -> moons I-CFM + 1 reflow is as
+  good at both lengths (0.223 against 0.231 at 5,000 steps, lower in 2 of 3 seeds).
 
 Other observations:
 
@@ -718,6 +723,11 @@ Other observations:
   an OT-CFM teacher least.
 - I-CFM with one Euler step puts every point at the mean of the target (at t = 0 its field is
   E[x1] - x0), hence W2 2.3-3.0; OT-CFM alone is usable at one step (0.26 and 0.23).
+- Digits: one Euler step of a student (FD 0.51-0.53) lands between 2 and 4 steps of OT-CFM (0.81, 0.42)
+  and between 4 and 8 steps of I-CFM (0.87, 0.40), but the students' own dopri5 FD
+  (0.41-0.42) is well above the teachers' (0.23-0.24): 2,048 pairs and 3,000 steps leave a fitting error
+  that more pairs and steps would shrink. OT-CFM straightens the digits flow less than the 2D ones
+  (straightness 2.3 against 8.1 for I-CFM), and both students end at 0.46-0.47.
 - A second reflow does not help at one step: each generation adds its own fitting error, so the dopri5 W2
   creeps up (OT-CFM 0.198 -> 0.205 -> 0.211 on 8gaussians -> moons) while the straightness, already
   tiny, falls further; the 1-step W2 rises by 0.001-0.005. We stop at one reflow
@@ -726,8 +736,9 @@ Other observations:
   evaluations than their teacher (67 against 55) although they are straighter; the adaptive controller
   reacts to the field's roughness too.
 - Compute: an OT-CFM teacher costs about three I-CFM teachers in wall time on this CPU (the exact
-  assignment is solved on the host for every batch); training on stored pairs costs about what an I-CFM
-  teacher costs, and solving the 20,000 pairs with dopri5 takes 0.2-1.6 s (the first includes a compile).
+  assignment is solved on the host for every batch); training on stored pairs costs a little less than an
+  I-CFM teacher, and solving the 20,000 pairs with dopri5 takes 0.2-1.6 s (the first of each seed includes a
+  compile).
   So OT-CFM + 1 reflow is the most expensive 1-reflow model here (35 s against 17 s on 8gaussians ->
   moons), for its small gain.
 
@@ -738,7 +749,8 @@ Other observations:
   scratch (no warm start) for the same 20,000 steps as their teacher. The 5,000-step sweep (357 s) is kept
   as the second setting.
 - Digits: run at a reduced scale: a 16-channel UNet (fmjax train's default is 64), 3,000 steps at batch
-  128, 2,048 reflow pairs per student, one reflow, FD on 1,024 samples. A 64-channel UNet's gradient step
+  128, 2,048 reflow pairs per student, one reflow, FD on 1,024 samples; 3 seeds, 53 minutes of
+  training, pair solves and evaluation on the shared CPU. A 64-channel UNet's gradient step
   is about 10 times slower on this CPU (0.58 s against 0.06 s at batch 128, measured). The digits models
   are trained by this script's ``train_digits`` (one jitted step per call, otherwise the run's own step,
   sources and keys) rather than by ``fmjax.runs.train``, whose scanned loop runs the UNet's training step
