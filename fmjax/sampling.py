@@ -18,6 +18,7 @@ import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from fmjax._checks import (
     check_batch,
@@ -167,6 +168,34 @@ def _check_interval(t0: Any, t1: Any) -> tuple[float, float]:
     return t0, t1
 
 
+def colocate(args: Any, y0: Any) -> Any:
+    """Replicate ``args``' committed arrays onto the devices of a ``y0`` sharded over a mesh.
+
+    A model's parameters restored from a checkpoint sit on one device; a solve of points sharded
+    over several devices needs them on each. Arrays already there, uncommitted arrays (placed by
+    jit as needed) and tracers are left as they are.
+    """
+    placed = [leaf for leaf in jax.tree.leaves(y0) if isinstance(leaf, jax.Array)]
+    if not placed or isinstance(placed[0], jax.core.Tracer):
+        return args
+    sharding = placed[0].sharding
+    if not isinstance(sharding, NamedSharding) or len(sharding.device_set) < 2:
+        return args
+    replicated = NamedSharding(sharding.mesh, PartitionSpec())
+
+    def place(leaf):
+        if (
+            isinstance(leaf, jax.Array)
+            and not isinstance(leaf, jax.core.Tracer)
+            and leaf.committed
+            and leaf.sharding.device_set != sharding.device_set
+        ):
+            return jax.device_put(leaf, replicated)
+        return leaf
+
+    return jax.tree.map(place, args)
+
+
 def solve(
     vector_field: Callable[[jax.Array, Any, Any], Any],
     y0: Any,
@@ -208,6 +237,7 @@ def solve(
         controller = diffrax.ConstantStepSize()
         dt0 = (t1 - t0) / steps
         max_steps = steps
+    args = colocate(args, y0)
     solution = diffrax.diffeqsolve(
         diffrax.ODETerm(vector_field),
         spec.make(),

@@ -102,6 +102,16 @@ SHARDED = textwrap.dedent(
     spec = PartitionSpec("data")
     sharded = jax.device_put(x0[:24], NamedSharding(Mesh(np.array(jax.devices()), ("data",)), spec))
     out["solve_sharded"] = sample(velocity, sharded).x1.sharding.spec == spec
+    # a model whose parameters are committed to one device (as a restored checkpoint's are)
+    from fmjax.models import MLP, functional
+    from fmjax.sampling import as_velocity
+    apply_fn, params = functional(MLP(dim=2, width=8, depth=1, seed=0))
+    model_v = as_velocity(apply_fn, jax.device_put(params, jax.devices()[0]))
+    committed = [reflow_pairs(model_v, x0, steps=4, batch_size=25, mesh=m) for m in (None, one)]
+    out["committed_diff"] = float(np.max(np.abs(committed[0].x1 - committed[1].x1)))
+    from fmjax.likelihood import log_likelihood
+    nll = [log_likelihood(model_v, x, steps=4, solver="euler").log_p for x in (sharded, x0[:24])]
+    out["committed_nll_diff"] = float(np.max(np.abs(np.asarray(nll[0]) - np.asarray(nll[1]))))
     print(json.dumps(out))
     """
 )
@@ -120,6 +130,8 @@ def test_sharded_pairs_equal_unsharded():
     assert out["adaptive_diff"] < 1e-6
     assert out["adaptive_nfe"][0] == out["adaptive_nfe"][1]
     assert out["solve_sharded"]  # the solve runs on the shards: x1 comes back sharded, not gathered
+    assert out["committed_diff"] < 1e-6  # parameters on one device are replicated onto the mesh
+    assert out["committed_nll_diff"] < 1e-5  # likewise for the likelihood's solve
 
 
 # --- stored pairs ---------------------------------------------------------------------------------
