@@ -1,9 +1,9 @@
 """fmjax: flow matching in JAX.
 
-Probability paths (``fmjax.paths``), minibatch couplings (``fmjax.couplings``), the pure CFM loss
-(``fmjax.losses``), a jitted training step (``fmjax.training``), diffrax sampling
-(``fmjax.sampling``), classifier-free guidance (``fmjax.guidance``), log-likelihoods
-(``fmjax.likelihood``), metrics, reflow, checkpoints, data and Flax models.
+Probability paths (``fmjax.paths``), minibatch couplings (``fmjax.couplings``), the pure CFM and
+[SF]²M losses (``fmjax.losses``), a jitted training step (``fmjax.training``), diffrax ODE and SDE
+sampling (``fmjax.sampling``, ``fmjax.sde``), classifier-free guidance (``fmjax.guidance``),
+log-likelihoods (``fmjax.likelihood``), metrics, reflow, checkpoints, data and Flax models.
 
 The names below are imported on first use (``fmjax.sample`` imports ``fmjax.sampling`` and diffrax
 then), so ``import fmjax`` and the ``fmjax`` command start without loading every dependency.
@@ -30,7 +30,10 @@ _EXPORTS = {
     "bits_per_dim": "fmjax.likelihood",
     "log_likelihood": "fmjax.likelihood",
     "LossAux": "fmjax.losses",
+    "SF2MAux": "fmjax.losses",
     "cfm_loss": "fmjax.losses",
+    "sf2m_loss": "fmjax.losses",
+    "two_networks": "fmjax.losses",
     "crossing_fraction": "fmjax.metrics",
     "normalized_path_energy": "fmjax.metrics",
     "path_energy": "fmjax.metrics",
@@ -49,6 +52,9 @@ _EXPORTS = {
     "Trajectory": "fmjax.sampling",
     "as_velocity": "fmjax.sampling",
     "sample": "fmjax.sampling",
+    "sample_sde": "fmjax.sde",
+    "sf2m_drift": "fmjax.sde",
+    "sf2m_velocity": "fmjax.sde",
     "TrainState": "fmjax.training",
     "logit_normal": "fmjax.training",
     "make_train_step": "fmjax.training",

@@ -127,6 +127,16 @@ class AffinePath(abc.ABC):
         Returns:
           A ``PathSample(t, x0, x1, xt, ut)`` with xt and ut of x0's shape and dtype.
         """
+        return self.sample_with_noise(key, x0, x1, t)[0]
+
+    def sample_with_noise(
+        self, key: jax.Array | None, x0: jax.Array, x1: jax.Array, t: jax.Array
+    ) -> tuple[PathSample, jax.Array | None]:
+        """``sample`` and the noise eps it drew: x_t = a_t x0 + b_t x1 + s_t eps.
+
+        Returns ``(PathSample, eps)``, eps of x0's shape and dtype (the same draw from ``key`` as
+        ``sample`` makes), or None for a deterministic path. Score matching regresses on eps.
+        """
         check_pair(x0, x1)
         t = _check_times(t, "[batch]")
         if t.shape != x0.shape[:1]:
@@ -139,6 +149,7 @@ class AffinePath(abc.ABC):
         da, db = _expand(dcoef.a, x0), _expand(dcoef.b, x0)
         xt = a * x0 + b * x1
         ut = da * x0 + db * x1
+        eps = None
         if self.stochastic:
             if key is None:
                 raise ValueError(f"key is required: {type(self).__name__} draws noise eps")
@@ -146,7 +157,51 @@ class AffinePath(abc.ABC):
             eps = jax.random.normal(key, x0.shape, x0.dtype)
             xt = xt + _expand(coef.s, x0) * eps
             ut = ut + _expand(dcoef.s, x0) * eps
-        return PathSample(t=t, x0=x0, x1=x1, xt=xt, ut=ut)
+        return PathSample(t=t, x0=x0, x1=x1, xt=xt, ut=ut), eps
+
+    def score(self, t: jax.Array, xt: jax.Array, x0: jax.Array, x1: jax.Array) -> jax.Array:
+        """Score of the conditional path, grad_x log p_t(x | x0, x1) at x = xt.
+
+        The conditional path is Gaussian, N(mu_t, s_t^2 I) with mu_t = a_t x0 + b_t x1, so
+
+            grad_x log p_t(x | x0, x1) = -(x - mu_t) / s_t^2  (= -eps / s_t on the path).
+
+        Where s_t = 0 at an end point (``SchrodingerBridge`` at t = 0 and 1) the variance is taken
+        at t clipped 1e-5 inside [0, 1], so the score stays finite (it is 0 there for x = mu_t).
+
+        Args:
+          t: times in [0, 1], a scalar or shape [batch].
+          xt: points, shape [batch, *dims].
+          x0, x1: the end points, of xt's shape.
+
+        Returns:
+          The score, of xt's shape. A deterministic path (s_t = 0) has no density: ValueError.
+
+        >>> import jax.numpy as jnp
+        >>> path = SchrodingerBridge(sigma=2.0)  # s_t^2 = 4 t (1 - t) = 1 at t = 1/2
+        >>> x0, x1 = jnp.zeros((1, 2)), jnp.ones((1, 2))
+        >>> path.score(0.5, jnp.full((1, 2), 1.5), x0, x1).tolist()  # -(1.5 - 0.5) / 1
+        [[-1.0, -1.0]]
+        """
+        if not self.stochastic:
+            raise ValueError(
+                f"{self!r} has no noise, so its conditional path has no density and no score; use a "
+                "path with noise, e.g. SchrodingerBridge(sigma=1.0)"
+            )
+        check_batch("xt", xt)
+        for name, value in (("x0", x0), ("x1", x1)):
+            if not hasattr(value, "shape") or tuple(value.shape) != tuple(xt.shape):
+                got = value.shape if hasattr(value, "shape") else type(value).__name__
+                raise ValueError(f"{name} must have the shape of xt, {xt.shape}; got {got}")
+        t = _check_times(t, f"() or [batch] = {xt.shape[:1]}")
+        if t.shape not in ((), xt.shape[:1]):
+            raise ValueError(f"t must be a scalar or have shape [batch] = {xt.shape[:1]}; got {t.shape}")
+        check_unit_interval("t", t)
+        t = jnp.broadcast_to(t.astype(xt.dtype), xt.shape[:1])
+        coef = self.schedule(t)
+        variance = jnp.square(self.schedule(jnp.clip(t, _T_CLIP, 1 - _T_CLIP)).s)
+        mean = _expand(coef.a, xt) * x0 + _expand(coef.b, xt) * x1
+        return -(xt - mean) / _expand(variance, xt)
 
     # Conversions between parametrisations, for deterministic paths (s_t = 0), where
     # xt = a x0 + b x1 and v = a' x0 + b' x1 determine x0 and x1 given any two of (xt, v, x0, x1).
@@ -268,6 +323,11 @@ class SchrodingerBridge(AffinePath):
     Paired with the entropic OT coupling at epsilon = 2 sigma^2 it matches the Schrödinger bridge
     between the end-point distributions. u_t is singular at t = 0 and 1; there t is clipped 1e-5
     inside the interval for the noise term's derivative.
+
+    Its conditional score is ``score`` = -(x - mu_t) / (sigma^2 t (1 - t)) = -eps / sigma_t, with
+    sigma_t = sigma sqrt(t (1 - t)); [SF]²M (``fmjax.losses.sf2m_loss``) learns it beside u_t, with
+    the weighting ``score_weight`` = 2 sigma_t / sigma^2, and samples the bridge's SDE
+    dx = (v + sigma^2 / 2 score) dt + sigma dW (``fmjax.sde``).
     """
 
     sigma: float = 1.0
@@ -286,6 +346,23 @@ class SchrodingerBridge(AffinePath):
         tc = jnp.clip(t, _T_CLIP, 1 - _T_CLIP)
         ds = self.sigma * (1 - 2 * tc) / (2 * jnp.sqrt(tc * (1 - tc)))
         return Schedule(a=-jnp.ones_like(t), b=jnp.ones_like(t), s=ds)
+
+    def score_weight(self, t: jax.Array) -> jax.Array:
+        """[SF]²M's score-loss weighting lambda(t) = 2 sigma_t / sigma^2, sigma_t = sigma sqrt(t (1 - t)).
+
+        It is the factor with lambda(t) (sigma^2 / 2) grad log p_t(x | x0, x1) = -eps: the score in
+        the units of the SDE drift (g^2 / 2 times it, g = sigma) scaled to unit noise.
+        ``fmjax.losses.sf2m_loss`` weights its score error by it (Tong et al., AISTATS 2024).
+
+        >>> import jax.numpy as jnp
+        >>> SchrodingerBridge(sigma=2.0).score_weight(jnp.array([0.0, 0.5])).tolist()  # 2 (2 / 2) / 4
+        [0.0, 0.5]
+        """
+        if not self.stochastic:
+            raise ValueError("score_weight needs sigma > 0: lambda(t) = 2 sigma_t / sigma^2")
+        t = _check_times(t, "() or [batch]")
+        check_unit_interval("t", t)
+        return 2 * self.schedule(t.astype(jnp.result_type(t, float))).s / (self.sigma * self.sigma)
 
 
 @_static_dataclass
