@@ -27,7 +27,14 @@ EXIT_INTERRUPTED = 130
 # names of the Python API (RunConfig fields, function arguments) that the commands' options stand for
 _API_NAMES = {
     "train": {"sigma_min": "--sigma", "run_dir": "--out", "data_dir": "--data-dir", "devices": "--devices"},
-    "sample": {"n": "--n", "solver": "--solver", "steps": "--steps", "seed": "--seed"},
+    "sample": {
+        "n": "--n",
+        "solver": "--solver",
+        "steps": "--steps",
+        "seed": "--seed",
+        "class": "--class",
+        "guidance": "--guidance",
+    },
     "nll": {
         "n": "--n",
         "divergence": "--divergence",
@@ -225,6 +232,25 @@ def _add_train(sub) -> None:
     p.add_argument(
         "--process-id", type=int, default=None, help="this process's index, 0 .. num-processes - 1"
     )
+    p.add_argument(
+        "--conditional",
+        action="store_true",
+        help="condition the model on the class of each target point: the component of 8gaussians, the "
+        "moon of moons, the square of checkerboard, the digit or class of --dataset (class embedding with "
+        "a null class, id = number of classes)",
+    )
+    p.add_argument(
+        "--cond-dropout",
+        type=float,
+        default=defaults.cond_dropout,
+        help="with --conditional: probability of replacing a label by the null class while training, for "
+        "classifier-free guidance (e.g. 0.1; 0 trains no unconditional model)",
+    )
+    p.add_argument(
+        "--by-label",
+        action="store_true",
+        help="with --conditional and an OT coupling (exact, sinkhorn, sb): pair only within a class",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
@@ -345,6 +371,9 @@ def _cmd_train(args) -> int:
         f"W2 = {summary['w2_euler100']:.4f} (euler, NFE = 100); NPE = {summary['npe']:.3f}; "
         f"target sample floor W2 = {summary['w2_target_floor']:.4f}"
     )
+    if config.conditional:
+        per_class = ", ".join(f"{w:.3f}" for w in summary["w2_per_class"])
+        print(f"conditional on the target's labels; W2 per class (0 .. {config.num_classes - 1}): {per_class}")
     return 0
 
 
@@ -358,7 +387,23 @@ def _add_run_commands(sub) -> None:
     p.add_argument("--solver", default="dopri5", help=f"one of {', '.join(SOLVERS)}")
     p.add_argument("--steps", type=int, default=None, help="fixed steps (default: adaptive)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="PNG to write (default: RUN_DIR/samples-<solver>-<n>.png)")
+    p.add_argument(
+        "--class",
+        dest="label",
+        type=int,
+        default=None,
+        help="conditional runs: draw every sample from this class (default: a panel or grid row per class)",
+    )
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=1.0,
+        help="conditional runs: classifier-free guidance weight w, v_null + w (v_cond - v_null); 1 is the "
+        "conditional model, 0 the unconditional one (needs a run trained with --cond-dropout > 0)",
+    )
+    p.add_argument(
+        "--out", default=None, help="PNG to write (default: RUN_DIR/samples-<solver>-<n>[-class-K][-wW].png)"
+    )
 
     p = sub.add_parser("nll", help="negative log-likelihood of fresh target points under a trained run")
     p.add_argument("run_dir", help="a directory written by fmjax train")
@@ -393,38 +438,93 @@ def _load(run_dir: str):
     return run
 
 
+def _check_conditional_options(run, args) -> None:
+    """--class and --guidance: only for a conditional run, a class it has, and a warning when the guided
+    model's unconditional half was never trained."""
+    config = run.config
+    if not config.conditional:
+        if args.label is not None or args.guidance != 1.0:
+            raise _UsageError(
+                f"--class and --guidance need a conditional run (fmjax train --conditional); "
+                f"{args.run_dir!r} is unconditional"
+            )
+        return
+    if args.label is not None and not 0 <= args.label < config.num_classes:
+        raise _UsageError(f"--class must be in 0 .. {config.num_classes - 1}; got {args.label}")
+    if args.guidance != 1.0 and config.cond_dropout == 0:
+        _warn(
+            "this run was trained without --cond-dropout: its null class never trained, so --guidance "
+            "other than 1 mixes in an untrained field"
+        )
+
+
 def _cmd_sample(args) -> int:
     from fmjax import plotting, runs
     from fmjax.data.toy import sample as toy_sample
 
     run = _load(args.run_dir)
-    out = args.out or os.path.join(args.run_dir, f"samples-{args.solver}-{args.n}.png")
+    _check_conditional_options(run, args)
+    config = run.config
+    suffix = "" if args.label is None else f"-class-{args.label}"
+    suffix += "" if args.guidance == 1.0 else f"-w{args.guidance:g}"
+    out = args.out or os.path.join(args.run_dir, f"samples-{args.solver}-{args.n}{suffix}.png")
     if os.path.exists(out):
         raise _UsageError(f"--out {out!r} already exists; choose another file")
-    if run.config.dataset is not None:
+    what = f"{args.solver}"
+    if config.conditional:
+        what += f", guidance {args.guidance:g}" + ("" if args.label is None else f", class {args.label}")
+    if config.dataset is not None:
         from fmjax import image_runs
 
         try:
             images, nfe = image_runs.generate_images(
-                run, n=args.n, solver=args.solver, steps=args.steps, seed=args.seed
-            )
+                run, n=args.n, solver=args.solver, steps=args.steps, seed=args.seed, label=args.label,
+                guidance=args.guidance,
+            )  # fmt: skip
         except (ValueError, TypeError) as error:
             raise _UsageError(str(error)) from None
-        plotting.image_grid(out, images, title=f"{args.solver}: NFE = {nfe}")
+        rows = " (a row per class)" if config.conditional and args.label is None else ""
+        plotting.image_grid(out, images, title=f"{what}: NFE = {nfe}{rows}")
         print(f"wrote {out}")
-        print(f"NFE = {nfe} ({args.n} images, {args.solver})")
+        print(f"NFE = {nfe} ({args.n} images, {what})")
         return 0
-    try:
-        x1, nfe, w2 = runs.generate(run, n=args.n, solver=args.solver, steps=args.steps, seed=args.seed)
-    except (ValueError, TypeError) as error:
-        raise _UsageError(str(error)) from None
     import jax
     import numpy as np
 
-    target = np.asarray(toy_sample(run.config.target, jax.random.PRNGKey(args.seed + 1), args.n))
-    plotting.samples(out, x1, target, title=f"{args.solver}: W2 = {w2:.3f}, NFE = {nfe}")
+    if config.conditional and args.label is None:  # a panel per class
+        panels = []
+        try:
+            for k in range(config.num_classes):
+                x1, nfe, w2 = runs.generate(
+                    run, n=args.n, solver=args.solver, steps=args.steps, seed=args.seed, label=k,
+                    guidance=args.guidance,
+                )  # fmt: skip
+                target = runs.class_points(config.target, jax.random.PRNGKey(args.seed + 1), k, args.n)
+                panels.append((x1, target, f"class {k}: W2 = {w2:.3f}, NFE = {nfe}"))
+        except (ValueError, TypeError) as error:
+            raise _UsageError(str(error)) from None
+        plotting.samples_by_class(
+            out, panels, title=f"{config.target}, conditional: {args.n} samples per class, {what}"
+        )
+        print(f"wrote {out}")
+        for k, (_, _, title) in enumerate(panels):
+            print(f"{title} ({args.n} samples, {what})" if k == 0 else title)
+        return 0
+    try:
+        x1, nfe, w2 = runs.generate(
+            run, n=args.n, solver=args.solver, steps=args.steps, seed=args.seed, label=args.label,
+            guidance=args.guidance,
+        )  # fmt: skip
+    except (ValueError, TypeError) as error:
+        raise _UsageError(str(error)) from None
+    key = jax.random.PRNGKey(args.seed + 1)
+    if args.label is not None:
+        target = runs.class_points(config.target, key, args.label, args.n)
+    else:
+        target = np.asarray(toy_sample(config.target, key, args.n))
+    plotting.samples(out, x1, target, title=f"{what}: W2 = {w2:.3f}, NFE = {nfe}")
     print(f"wrote {out}")
-    print(f"NFE = {nfe}; W2 = {w2:.4f} ({args.n} samples, {args.solver})")
+    print(f"NFE = {nfe}; W2 = {w2:.4f} ({args.n} samples, {what})")
     return 0
 
 

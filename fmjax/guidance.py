@@ -79,6 +79,16 @@ class GuidedVelocity:
         v_cond, v_null = out[:batch], out[batch:]
         return v_null + self.scale.astype(out.dtype) * (v_cond - v_null)
 
+    def per_sample_cond(self) -> Any:
+        """The condition if it is one per sample (leaves with a batch axis more than ``null_cond``'s),
+        else None (one condition for all samples)."""
+        ranks = zip(jax.tree.leaves(self.cond), jax.tree.leaves(self.null_cond), strict=True)
+        return self.cond if all(jnp.ndim(c) == jnp.ndim(n) + 1 for c, n in ranks) else None
+
+    def with_cond(self, cond: Any) -> GuidedVelocity:
+        """This field with another condition (e.g. one sample's, for a per-sample divergence)."""
+        return dataclasses.replace(self, cond=cond)
+
 
 def guided_velocity(
     apply_fn: Callable[..., jax.Array], params: Any, cond: Any, *, scale: float, null_cond: Any

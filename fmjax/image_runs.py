@@ -23,7 +23,7 @@ import optax
 from fmjax.data.tfds_sources import data_source
 from fmjax.likelihood import bits_per_dim
 from fmjax.models import UNet, functional
-from fmjax.sampling import as_velocity, sample
+from fmjax.sampling import sample
 from fmjax.training import TrainState
 
 __all__ = ["build", "evaluate_images", "image_bits_per_dim", "generate_images"]
@@ -48,6 +48,7 @@ def build(config) -> tuple[Callable, optax.GradientTransformation, TrainState]:
             in_channels=_shape(config)[-1],
             channels=config.width,
             channel_mults=_mults(config),
+            num_classes=config.num_classes,
             seed=config.seed,
         )
     except ValueError as error:
@@ -74,14 +75,19 @@ def image_bits_per_dim(
     probe="rademacher",
     seed=0,
 ):
-    """Bits/dim of the first ``n`` test images (uniform dequantisation, K = 1)."""
+    """Bits/dim of the first ``n`` test images (uniform dequantisation, K = 1); of a conditional run,
+    bits/dim of each image given its label, -log2 p(x | y) / D."""
+    from fmjax.runs import run_velocity
+
     source = data_source(config.dataset, split="test", data_dir=data_dir)
     n = min(n, len(source))
     images = jnp.asarray(np.stack([source[i]["image"] for i in range(n)]))
+    labels = np.asarray([source[i]["label"] for i in range(n)], np.int32) if config.conditional else None
     kwargs = {"divergence": divergence}
     if divergence == "hutchinson":
         kwargs.update(num_probes=num_probes, probe=probe)
-    bpd = bits_per_dim(as_velocity(apply_fn, params), images, key=jax.random.PRNGKey(seed), **kwargs)
+    velocity = run_velocity(config, apply_fn, params, labels=labels)
+    bpd = bits_per_dim(velocity, images, key=jax.random.PRNGKey(seed), **kwargs)
     values = np.asarray(bpd, np.float64)
     return {
         "bits_per_dim": float(values.mean()),
@@ -91,31 +97,70 @@ def image_bits_per_dim(
     }
 
 
-def generate_images(run, *, n: int, solver: str = "dopri5", steps: int | None = None, seed: int = 0):
-    """``n`` generated uint8 images of a trained image run and the NFE of the solve."""
+def class_labels_for(config, n: int, label: int | None = None) -> np.ndarray | None:
+    """The labels of ``n`` images to draw from a conditional run: all ``label``, or without it the
+    classes in turn, ``n // num_classes`` (rounded up) of each in a row (a grid row per class when n
+    is num_classes^2); None for an unconditional run."""
+    if not config.conditional:
+        return None
+    if label is not None:
+        return np.full(n, label, np.int32)
+    per_class = -(-n // config.num_classes)
+    return (np.arange(n) // per_class).astype(np.int32)
+
+
+def generate_images(
+    run,
+    *,
+    n: int,
+    solver: str = "dopri5",
+    steps: int | None = None,
+    seed: int = 0,
+    label: int | None = None,
+    guidance: float = 1.0,
+):
+    """``n`` generated uint8 images of a trained image run and the NFE of the solve.
+
+    Conditional runs: all of class ``label``, or the classes in turn (``class_labels_for``);
+    ``guidance`` w is classifier-free guidance (``fmjax.runs.run_velocity``).
+    """
     from fmjax._checks import check_int
+    from fmjax.runs import check_class, run_velocity
 
     check_int("n", n, low=1)
+    if label is not None:
+        label = check_class(run.config, label)
     params = run.state.ema_params if run.config.eval_ema else run.state.params
     x0 = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), 4), (n, *_shape(run.config)))
-    result = sample(as_velocity(run.apply_fn, params), x0, solver=solver, steps=steps)
+    labels = class_labels_for(run.config, n, label)
+    velocity = run_velocity(run.config, run.apply_fn, params, labels=labels, guidance=guidance)
+    result = sample(velocity, x0, solver=solver, steps=steps)
     return np.clip(np.asarray((result.x1 + 1.0) * 127.5), 0, 255).astype(np.uint8), int(result.nfe)
 
 
 def evaluate_images(
     config, apply_fn, state, run_dir: str, *, data_dir: str | None, plots: bool, environment=None
 ) -> dict[str, Any]:
-    """Sample a grid of images (dopri5) and measure bits/dim on test images (Hutchinson, 4 probes)."""
+    """Sample a grid of images (dopri5) and measure bits/dim on test images (Hutchinson, 4 probes).
+
+    A conditional run's grid has a row per class and its bits/dim are of each image given its label.
+    """
+    from fmjax.runs import run_velocity
+
     params = state.ema_params if config.eval_ema else state.params
     shape = _shape(config)
-    x0 = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(config.seed), 3), (64, *shape))
-    result = sample(as_velocity(apply_fn, params), x0, solver=config.eval_solver)
+    count = config.num_classes**2 if config.conditional else 64
+    x0 = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(config.seed), 3), (count, *shape))
+    velocity = run_velocity(config, apply_fn, params, labels=class_labels_for(config, count))
+    result = sample(velocity, x0, solver=config.eval_solver)
     images = np.clip(np.asarray((result.x1 + 1.0) * 127.5), 0, 255).astype(np.uint8)
     bpd = image_bits_per_dim(
         config, apply_fn, params, n=min(config.eval_samples, 128), divergence="hutchinson", num_probes=4,
         data_dir=data_dir,
     )  # fmt: skip
     summary = {"step": int(state.step), "nfe": int(result.nfe), "solver": config.eval_solver, **bpd}
+    if config.conditional:
+        summary["conditional"] = True
     if environment:
         summary["environment"] = environment
     with open(os.path.join(run_dir, "summary.json"), "w") as f:

@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 
 from fmjax.sampling import Trajectory  # noqa: E402
 
-__all__ = ["samples", "trajectories", "loss_curve", "image_grid"]
+__all__ = ["samples", "samples_by_class", "trajectories", "loss_curve", "image_grid"]
 
 
 def samples(filename: str, generated: np.ndarray, target: np.ndarray, *, title: str = "") -> None:
@@ -23,6 +23,29 @@ def samples(filename: str, generated: np.ndarray, target: np.ndarray, *, title: 
     ax.set_aspect("equal")
     ax.legend(loc="upper right", markerscale=8)
     ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(filename, dpi=120)
+    plt.close(fig)
+
+
+def samples_by_class(filename: str, panels: list, *, title: str = "") -> None:
+    """One scatter per class: ``panels`` is a list of ``(generated [n, 2], target [n, 2], caption)``;
+    generated points (blue) are drawn over the class's target points (grey), on shared axes."""
+    columns = min(4, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), sharex=True, sharey=True)
+    axes = np.atleast_1d(axes).ravel()
+    for ax, (generated, target, caption) in zip(axes, panels, strict=False):
+        ax.scatter(target[:, 0], target[:, 1], s=1, alpha=0.3, c="tab:gray", label="target")
+        ax.scatter(generated[:, 0], generated[:, 1], s=1, alpha=0.5, c="tab:blue", label="generated")
+        ax.set_aspect("equal")
+        ax.set_title(caption, fontsize=8)
+        ax.set_xlabel("$x_1$", fontsize=8)
+        ax.set_ylabel("$x_2$", fontsize=8)
+    for ax in axes[len(panels) :]:
+        ax.axis("off")
+    axes[0].legend(loc="upper right", markerscale=8, fontsize=7)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(filename, dpi=120)
     plt.close(fig)

@@ -42,7 +42,7 @@ from fmjax._checks import check_choice, check_int, check_real
 from fmjax.checkpoint import Checkpointer
 from fmjax.couplings import COUPLINGS, SCOPES, independent, make_coupling
 from fmjax.data.tfds_sources import DATASETS
-from fmjax.data.toy import TOY_SAMPLERS
+from fmjax.data.toy import TOY_NUM_CLASSES, TOY_SAMPLERS, sample_labeled
 from fmjax.data.toy import sample as toy_sample
 from fmjax.metrics import normalized_path_energy, path_energy, wasserstein2
 from fmjax.models import ACTIVATIONS, MLP, functional
@@ -71,6 +71,8 @@ DEFAULT_SIGMA = 0.1
 DEFAULT_SIGMA_IMAGES = 1e-4
 NONFINITE_POLICIES = ("stop", "skip")
 PRECISIONS = ("float32", "bf16")
+DATASET_NUM_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10}
+LABEL_AWARE_COUPLINGS = ("exact", "sinkhorn", "sb")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -81,6 +83,13 @@ class RunConfig:
     protocol: a 3x64 SELU MLP, AdamW (lr 1e-3, weight decay 1e-5), I-CFM path with sigma = 0.1.
     Evaluation uses the EMA of the parameters unless ``eval_ema=False``. ``sigma=None`` means 0.1
     for the paths that have a noise level (condot, linear, sb) and none for the others.
+
+    Conditional runs (``conditional=True``): the model takes the class label of each target point (the
+    mixture component of 8gaussians, the moon of moons, the square of checkerboard, the digit or class
+    of an image dataset) through an embedding with one extra null class, id ``num_classes``; with
+    ``cond_dropout=p`` each label is replaced by the null class with probability p, so the same model
+    is also unconditional and can be sampled with classifier-free guidance. ``by_label=True`` makes
+    the OT coupling (exact, sinkhorn, sb) pair only within a class.
     """
 
     source: str = "8gaussians"
@@ -107,6 +116,9 @@ class RunConfig:
     keep_checkpoints: int = 3
     on_nonfinite: str = "stop"
     precision: str = "float32"
+    conditional: bool = False
+    cond_dropout: float = 0.0
+    by_label: bool = False
 
     def __post_init__(self):
         if self.dataset is not None:
@@ -139,8 +151,24 @@ class RunConfig:
         ):
             check_int(name, getattr(self, name), low=1)
         check_int("seed", self.seed, low=0)
-        if not isinstance(self.eval_ema, bool):
-            raise TypeError(f"eval_ema must be a bool; got {self.eval_ema!r}")
+        for name in ("eval_ema", "conditional", "by_label"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool; got {getattr(self, name)!r}")
+        check_real("cond_dropout", self.cond_dropout, low=0.0, high=1.0)
+        if self.conditional and self.dataset is None and self.target not in TOY_NUM_CLASSES:
+            raise ValueError(
+                f"conditional needs a target with class labels ({', '.join(TOY_NUM_CLASSES)}) or a dataset;"
+                f" got target {self.target!r}"
+            )
+        if self.cond_dropout > 0 and not self.conditional:
+            raise ValueError(f"cond_dropout needs conditional=True; got cond_dropout {self.cond_dropout}")
+        if self.by_label and not self.conditional:
+            raise ValueError("by_label needs conditional=True (the labels come with the target points)")
+        if self.by_label and self.coupling not in LABEL_AWARE_COUPLINGS:
+            raise ValueError(
+                f"by_label needs a coupling that pairs by label ({', '.join(LABEL_AWARE_COUPLINGS)}); "
+                f"got coupling {self.coupling!r}"
+            )
         check_real("learning_rate", self.learning_rate, low=0.0, low_inclusive=False)
         check_real("weight_decay", self.weight_decay, low=0.0)
         check_real("ema_decay", self.ema_decay, low=0.0, high=1.0, high_inclusive=False)
@@ -153,6 +181,19 @@ class RunConfig:
                 f"got path {self.path!r} with sigma {self.sigma!r}"
             )
 
+    @property
+    def num_classes(self) -> int | None:
+        """Classes of a conditional run's labels (the null class is id ``num_classes``); None otherwise."""
+        if not self.conditional:
+            return None
+        if self.dataset is not None:
+            return DATASET_NUM_CLASSES[self.dataset]
+        return TOY_NUM_CLASSES[self.target]
+
+    def null_cond(self) -> jax.Array | None:
+        """The null condition of a conditional run (the null class id), else None."""
+        return None if self.num_classes is None else jnp.int32(self.num_classes)
+
     def make_coupling(self):
         """The coupling; SB-CFM's entropic coupling takes the path's sigma.
 
@@ -162,9 +203,10 @@ class RunConfig:
         own x1 in either scope, so it stays local (gathering the batch would only cost time).
         """
         scope = "local" if self.coupling == "independent" else self.coupling_scope
+        options = {"by_label": True} if self.by_label else {}
         if self.coupling == "sb":
-            return make_coupling("sb", sigma=self.sigma, scope=scope)
-        return make_coupling(self.coupling, scope=scope)
+            return make_coupling("sb", sigma=self.sigma, scope=scope, **options)
+        return make_coupling(self.coupling, scope=scope, **options)
 
     def make_step(self, apply_fn, optimizer, *, mesh=None, host_pairs: bool = False):
         """The jitted train step of this configuration (toy and image runs alike).
@@ -181,6 +223,8 @@ class RunConfig:
             log_grad_norm=True,
             check_finite=True,
             skip_nonfinite=self.on_nonfinite == "skip",
+            cond_dropout=self.cond_dropout,
+            null_cond=self.null_cond() if self.cond_dropout > 0 else None,
             mesh=mesh,
         )
 
@@ -226,7 +270,12 @@ class Run:
             apply_fn, optimizer, state = image_runs.build(config)
         else:
             model = MLP(
-                dim=2, width=config.width, depth=config.depth, activation=config.activation, seed=config.seed
+                dim=2,
+                width=config.width,
+                depth=config.depth,
+                activation=config.activation,
+                num_classes=config.num_classes,
+                seed=config.seed,
             )
             apply_fn, params = functional(model)
             optimizer = optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
@@ -629,7 +678,23 @@ def _source(config: RunConfig, data_dir: str | None):
         seed=config.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        labels=config.conditional,
     )
+
+
+def _pair(config: RunConfig, source, key: jax.Array, host) -> tuple[jax.Array, jax.Array, Any]:
+    """``(x0, x1, cond)`` of one step: cond is x1's labels in a conditional run, else None."""
+    if config.conditional:
+        return source.pair_cond(key, host)
+    x0, x1 = source.pair(key, host)
+    return x0, x1, None
+
+
+def _host_inputs(config: RunConfig, coupling, x0, x1, cond) -> tuple:
+    """What a host-solved coupling needs of one step (x1's labels too when it pairs by label)."""
+    if config.by_label:
+        return coupling.host_inputs(x0, x1, labels1=cond)
+    return coupling.host_inputs(x0, x1)
 
 
 # Upper bound on the device memory one dispatch's inputs (host data and host-solved pairs' inputs) take:
@@ -645,7 +710,7 @@ def _steps_per_dispatch(config: RunConfig, source, coupling) -> int:
     per_step = sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in spec)
     if coupling is not None:
         inputs = jax.eval_shape(
-            lambda key, host: coupling.host_inputs(*source.pair(key, host)),
+            lambda key, host: _host_inputs(config, coupling, *_pair(config, source, key, host)),
             jax.random.PRNGKey(0),
             _abstract_host(source),
         )
@@ -814,15 +879,16 @@ def _train_loop(config, run_dir, run, mesh, source, say, progress, pipeline, sol
     constrain = (lambda x: x) if mesh is None else (lambda x: jax.lax.with_sharding_constraint(x, batch))
 
     def pair(step_index, host):
-        x0, x1 = source.pair(jax.random.fold_in(data_key, step_index), host)
-        return constrain(x0), constrain(x1)
+        x0, x1, cond = _pair(config, source, jax.random.fold_in(data_key, step_index), host)
+        return constrain(x0), constrain(x1), None if cond is None else constrain(cond)
 
     def one(state, inputs):
         host, j = inputs
-        x0, x1 = pair(state.step, host)
-        if j is not None:  # pairs solved on the host: (x0[k], x1[j[k]])
+        x0, x1, cond = pair(state.step, host)
+        if j is not None:  # pairs solved on the host: (x0[k], x1[j[k]]); the labels move with x1
             x1 = constrain(x1[j])
-        return step(state, x0, x1)
+            cond = None if cond is None else constrain(cond[j])
+        return step(state, x0, x1) if cond is None else step(state, x0, x1, cond)
 
     def scan(state, host, pairs, n):
         state, metrics = jax.lax.scan(one, state, (host, pairs), length=n)
@@ -831,7 +897,7 @@ def _train_loop(config, run_dir, run, mesh, source, say, progress, pipeline, sol
 
     def host_inputs(first, host, n):
         steps = first + jnp.arange(n)
-        return jax.vmap(lambda s, h: coupling.host_inputs(*pair(s, h)))(steps, host)
+        return jax.vmap(lambda s, h: _host_inputs(config, coupling, *pair(s, h)))(steps, host)
 
     initial = run.state
     if mesh is None:
@@ -999,6 +1065,48 @@ def check_finite_params(run: Run) -> Any:
     return params
 
 
+def run_velocity(config: RunConfig, apply_fn, params, *, labels: Any = None, guidance: float = 1.0):
+    """The velocity field of a run's model: unconditional, or conditioned on ``labels`` (int [n]).
+
+    ``guidance`` w (conditional runs): v_null + w (v_cond - v_null) through ``fmjax.guided_velocity``
+    (w = 1 is the conditional field, 0 the unconditional one; one model call per evaluation at w = 1,
+    one batched call of twice the batch otherwise).
+    """
+    guidance = check_real("guidance", guidance)
+    if not config.conditional:
+        if labels is not None or guidance != 1.0:
+            raise ValueError("class and guidance need a conditional run (trained with --conditional)")
+        return as_velocity(apply_fn, params)
+    if labels is None:
+        raise ValueError("labels are required for a conditional run's model")
+    labels = jnp.asarray(labels, jnp.int32)
+    if guidance == 1.0:
+        return as_velocity(apply_fn, params, cond=labels)
+    from fmjax.guidance import guided_velocity
+
+    return guided_velocity(apply_fn, params, labels, scale=guidance, null_cond=config.null_cond())
+
+
+def check_class(config: RunConfig, label: Any) -> int:
+    """``label`` as a class id of a conditional run (0 .. num_classes - 1), named when it is not one."""
+    if not config.conditional:
+        raise ValueError("class needs a conditional run (trained with --conditional)")
+    return check_int("class", label, low=0, high=config.num_classes - 1)
+
+
+def class_points(name: str, key: jax.Array, label: int, n: int) -> np.ndarray:
+    """``n`` points [n, 2] of toy distribution ``name`` drawn from class ``label`` alone (the labelled
+    draws of ``fmjax.data.toy.sample_labeled`` whose label is ``label``, in order)."""
+    kept, have, draw = [], 0, 0
+    while have < n:
+        points, labels = sample_labeled(name, jax.random.fold_in(key, draw), 4 * n)
+        mine = np.asarray(points)[np.asarray(labels) == label]
+        kept.append(mine)
+        have += len(mine)
+        draw += 1
+    return np.concatenate(kept)[:n]
+
+
 def evaluate(
     run: Run, run_dir: str | os.PathLike, *, plots: bool = True, data_dir: str | None = None
 ) -> dict[str, Any]:
@@ -1023,9 +1131,13 @@ def evaluate(
     key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 3)
     k_source, k_target, k_floor = jax.random.split(key, 3)
     x0 = toy_sample(config.source, k_source, config.eval_samples)
-    x1_true = toy_sample(config.target, k_target, config.eval_samples)
+    labels = None
+    if config.conditional:  # the target points' own labels: the conditional model draws their classes
+        x1_true, labels = sample_labeled(config.target, k_target, config.eval_samples)
+    else:
+        x1_true = toy_sample(config.target, k_target, config.eval_samples)
     params = run.state.ema_params if config.eval_ema else run.state.params
-    velocity = as_velocity(run.apply_fn, params)
+    velocity = run_velocity(config, run.apply_fn, params, labels=labels)
 
     adaptive = sample(velocity, x0, solver=config.eval_solver)
     euler = sample(velocity, x0, solver="euler", steps=100, save_trajectory=True)
@@ -1046,6 +1158,7 @@ def evaluate(
         "w2_target_floor": w2_floor,
         "params": "ema" if config.eval_ema else "raw",
         "eval_samples": config.eval_samples,
+        **(_per_class_w2(adaptive.x1, x1_true, labels, config.num_classes) if config.conditional else {}),
         **({"environment": run.environment} if run.environment else {}),
     }
     run_dir = os.fspath(run_dir)
@@ -1065,18 +1178,52 @@ def evaluate(
     return summary
 
 
+def _per_class_w2(generated, target, labels, num_classes: int) -> dict[str, Any]:
+    """W2 between the generated and the target points of each class (they share the labels)."""
+    generated, target, labels = np.asarray(generated), np.asarray(target), np.asarray(labels)
+    per_class = [
+        wasserstein2(generated[labels == k], target[labels == k]) if (labels == k).sum() > 1 else math.nan
+        for k in range(num_classes)
+    ]
+    return {"conditional": True, "w2_per_class": per_class}
+
+
 def generate(
-    run: Run, *, n: int, solver: str = "dopri5", steps: int | None = None, seed: int = 0
+    run: Run,
+    *,
+    n: int,
+    solver: str = "dopri5",
+    steps: int | None = None,
+    seed: int = 0,
+    label: int | None = None,
+    guidance: float = 1.0,
 ) -> tuple[np.ndarray, int, float]:
-    """Draw ``n`` samples from a trained run; return (samples, nfe, W2 to fresh target samples)."""
+    """Draw ``n`` samples from a trained run; return (samples, nfe, W2 to fresh target samples).
+
+    Conditional runs: ``label`` K draws every sample of class K and compares with target points of
+    class K; without it the classes are drawn as the target's are (and compared with the whole
+    target). ``guidance`` w is classifier-free guidance (see ``run_velocity``).
+    """
     check_int("n", n, low=1)
+    config = run.config
+    if label is not None:
+        label = check_class(config, label)
     key = jax.random.fold_in(jax.random.PRNGKey(seed), 4)
     k_source, k_target = jax.random.split(key)
     params = check_finite_params(run)
-    x0 = toy_sample(run.config.source, k_source, n)
-    result = sample(as_velocity(run.apply_fn, params), x0, solver=solver, steps=steps)
+    x0 = toy_sample(config.source, k_source, n)
+    labels = None
+    if label is not None:
+        labels = np.full(n, label, np.int32)
+        target = class_points(config.target, k_target, label, n)
+    elif config.conditional:
+        target, labels = sample_labeled(config.target, k_target, n)
+    else:
+        target = toy_sample(config.target, k_target, n)
+    velocity = run_velocity(config, run.apply_fn, params, labels=labels, guidance=guidance)
+    result = sample(velocity, x0, solver=solver, steps=steps)
     x1 = np.asarray(result.x1)
-    return x1, int(result.nfe), wasserstein2(x1, toy_sample(run.config.target, k_target, n))
+    return x1, int(result.nfe), wasserstein2(x1, target)
 
 
 def negative_log_likelihood(
@@ -1091,7 +1238,8 @@ def negative_log_likelihood(
 ) -> dict[str, float]:
     """Mean negative log-likelihood (nats per point) of ``n`` fresh target points under the trained flow.
 
-    Needs a source with a closed-form density (``fmjax.data.TOY_LOG_DENSITIES``).
+    Needs a source with a closed-form density (``fmjax.data.TOY_LOG_DENSITIES``). A conditional run's
+    is of each point given its label, -log p(x | y).
     """
     from fmjax.data.toy import log_density
     from fmjax.likelihood import log_likelihood
@@ -1100,10 +1248,14 @@ def negative_log_likelihood(
     log_p0 = log_density(run.config.source)
     key = jax.random.fold_in(jax.random.PRNGKey(seed), 5)
     k_target, k_probe = jax.random.split(key)
-    x1 = toy_sample(run.config.target, k_target, n)
+    labels = None
+    if run.config.conditional:
+        x1, labels = sample_labeled(run.config.target, k_target, n)
+    else:
+        x1 = toy_sample(run.config.target, k_target, n)
     params = check_finite_params(run)
     result = log_likelihood(
-        as_velocity(run.apply_fn, params),
+        run_velocity(run.config, run.apply_fn, params, labels=labels),
         x1,
         log_p0=log_p0,
         divergence=divergence,
@@ -1120,4 +1272,5 @@ def negative_log_likelihood(
         "nfe": int(result.nfe),
         "divergence": divergence,
         "n": n,
+        **({"conditional": True} if run.config.conditional else {}),
     }

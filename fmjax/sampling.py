@@ -112,36 +112,56 @@ class SampleResult(NamedTuple):
 _SHAPE_OF_X = "[batch, *dims], the shape of x"
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["params"], meta_fields=["apply_fn"])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["params", "cond"], meta_fields=["apply_fn"])
 @dataclasses.dataclass(frozen=True)
 class ModelVelocity:
     """``velocity(t, x) = apply_fn(params, broadcast(t, [batch]), x)``, a pytree over ``params``.
 
-    Because ``params`` are leaves, not constants baked into a closure, a solve compiled for one set
-    of parameters is reused for the next. ``apply_fn``'s output must be a real floating array of
-    x's shape [batch, *dims] (checked at trace time: a ValueError/TypeError names ``apply_fn``).
+    With a ``cond`` (a conditional model), ``apply_fn(params, t, x, cond)``. Because ``params`` (and
+    ``cond``) are leaves, not constants baked into a closure, a solve compiled for one set of
+    parameters is reused for the next. ``apply_fn``'s output must be a real floating array of x's
+    shape [batch, *dims] (checked at trace time: a ValueError/TypeError names ``apply_fn``).
     """
 
-    apply_fn: Callable[[Any, jax.Array, jax.Array], jax.Array]
+    apply_fn: Callable[..., jax.Array]
     params: Any
+    cond: Any = None
 
     def __call__(self, t: jax.Array, x: jax.Array) -> jax.Array:
         t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])
-        out = self.apply_fn(self.params, t, x)
-        check_output("apply_fn(params, t, x)", out, x.shape, _SHAPE_OF_X)
+        if self.cond is None:
+            out = self.apply_fn(self.params, t, x)
+            check_output("apply_fn(params, t, x)", out, x.shape, _SHAPE_OF_X)
+        else:
+            out = self.apply_fn(self.params, t, x, self.cond)
+            check_output("apply_fn(params, t, x, cond)", out, x.shape, _SHAPE_OF_X)
         return out
 
+    def per_sample_cond(self) -> Any:
+        """The condition, one per sample (leaves [batch, ...]), or None (see ``with_cond``)."""
+        return self.cond
 
-def as_velocity(apply_fn: Callable[[Any, jax.Array, jax.Array], jax.Array], params: Any) -> ModelVelocity:
+    def with_cond(self, cond: Any) -> ModelVelocity:
+        """This field with another condition (e.g. one sample's, for a per-sample divergence)."""
+        return dataclasses.replace(self, cond=cond)
+
+
+def as_velocity(apply_fn: Callable[..., jax.Array], params: Any, cond: Any = None) -> ModelVelocity:
     """Adapt a model ``apply_fn(params, t[batch], x)`` to the ``velocity(t, x)`` contract (t scalar).
+
+    ``cond`` (optional): the condition of a conditional model ``apply_fn(params, t, x, cond)``, one per
+    sample (leaves [batch, ...], as in ``cfm_loss``); for guidance see ``fmjax.guided_velocity``.
 
     >>> import jax.numpy as jnp
     >>> velocity = as_velocity(lambda params, t, x: params * t[:, None] * x, 2.0)
     >>> velocity(0.5, jnp.ones((3, 2))).tolist()[0]
     [1.0, 1.0]
     """
-    check_callable("apply_fn", apply_fn, ("params", "t", "x"))
-    return ModelVelocity(apply_fn, params)
+    if cond is None:
+        check_callable("apply_fn", apply_fn, ("params", "t", "x"))
+    else:
+        check_callable("apply_fn", apply_fn, ("params", "t", "x", "cond"))
+    return ModelVelocity(apply_fn, params, cond)
 
 
 _VELOCITY_HINT = " (a model apply_fn(params, t, x)? wrap it: fmjax.as_velocity(apply_fn, params))"

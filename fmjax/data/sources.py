@@ -7,7 +7,9 @@ A source splits a global batch into the part the host must provide and the part 
   read;
 - ``pair(key, host)`` runs on the device (inside the jitted, scanned step) and turns the global host data
   of one step and a key into the source and target batches ``(x0, x1)``, each of shape
-  [batch_size, *dims].
+  [batch_size, *dims];
+- ``pair_cond(key, host)`` (conditional runs) returns ``(x0, x1, cond)`` with the condition paired
+  with x1: the int32 class labels [batch_size] of the target points.
 
 ``ToySource`` draws both batches on the device from the key (no host data); ``ImageSource`` reads the
 images of the step from a tfds data source (the epoch's permutation from (seed, epoch), the step's
@@ -25,13 +27,18 @@ import numpy as np
 
 from fmjax._checks import check_int
 from fmjax.data.toy import sample as toy_sample
+from fmjax.data.toy import sample_labeled
 
 __all__ = ["ToySource", "ImageSource", "dequantise"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ToySource:
-    """Both batches drawn on the device: ``x0 ~ source``, ``x1 ~ target`` (2D samplers of ``fmjax.data``)."""
+    """Both batches drawn on the device: ``x0 ~ source``, ``x1 ~ target`` (2D samplers of ``fmjax.data``).
+
+    ``pair_cond`` adds the target's class labels (``fmjax.data.toy.sample_labeled``); its x0 and x1 are
+    those ``pair`` draws from the same key.
+    """
 
     source: str
     target: str
@@ -51,6 +58,13 @@ class ToySource:
         del host
         k0, k1 = jax.random.split(key)
         return toy_sample(self.source, k0, self.batch_size), toy_sample(self.target, k1, self.batch_size)
+
+    def pair_cond(self, key: jax.Array, host: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``(x0, x1, labels)``: ``pair``'s batches and the int32 class labels [batch_size] of x1."""
+        del host
+        k0, k1 = jax.random.split(key)
+        x1, labels = sample_labeled(self.target, k1, self.batch_size)
+        return toy_sample(self.source, k0, self.batch_size), x1, labels
 
 
 def dequantise(key: jax.Array, images: jax.Array) -> jax.Array:
@@ -73,6 +87,7 @@ class ImageSource:
     ``read_batch`` (the data source's batch access). A dataset whose images take at most ``cache_bytes``
     (digits, MNIST, CIFAR-10 under the default 1 GiB) is read once, in batches, into one uint8 array, and a
     step's images are then a gather from it (microseconds instead of a read and decode per record).
+    With ``labels=True`` the host data also hold the records' int32 labels, for ``pair_cond``.
     """
 
     def __init__(
@@ -84,6 +99,7 @@ class ImageSource:
         process_index: int = 0,
         process_count: int = 1,
         cache_bytes: int = 2**30,
+        labels: bool = False,
     ):
         check_int("batch_size", batch_size, low=1)
         if batch_size % process_count:
@@ -100,16 +116,16 @@ class ImageSource:
         first = np.asarray(records[0]["image"])
         self.image_shape = tuple(first.shape)
         self._order_cache: tuple[int, np.ndarray] | None = None
-        self._images = None
+        self.labels = bool(labels)
+        self._images = self._labels = None
         if size * first.nbytes <= cache_bytes:
-            self._images = self._read_all(size)
+            self._images, self._labels = self._read_all(size)
 
-    def _read_all(self, size: int, chunk: int = 4096) -> np.ndarray:
+    def _read_all(self, size: int, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
         from fmjax.data.tfds_sources import read_batch
 
-        return np.concatenate(
-            [read_batch(self.records, np.arange(k, min(k + chunk, size)))[0] for k in range(0, size, chunk)]
-        )
+        parts = [read_batch(self.records, np.arange(k, min(k + chunk, size))) for k in range(0, size, chunk)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def _order(self, epoch: int) -> np.ndarray:
         if self._order_cache is None or self._order_cache[0] != epoch:
@@ -123,20 +139,33 @@ class ImageSource:
         return self._order(epoch)[begin : begin + self.local_batch]
 
     def host_batch(self, step: int) -> dict[str, np.ndarray]:
-        """This process's uint8 images of ``step``, shape [batch_size / process_count, H, W, C]."""
+        """This process's uint8 images of ``step``, shape [batch_size / process_count, H, W, C] (and
+        their int32 labels [batch_size / process_count] with ``labels``)."""
+        indices = self.indices(step)
         if self._images is not None:
-            return {"image": self._images[self.indices(step)]}
-        from fmjax.data.tfds_sources import read_batch
+            images, labels = self._images[indices], self._labels[indices]
+        else:
+            from fmjax.data.tfds_sources import read_batch
 
-        images, _ = read_batch(self.records, self.indices(step))
-        return {"image": images}
+            images, labels = read_batch(self.records, indices)
+        return {"image": images, "label": labels} if self.labels else {"image": images}
 
     def host_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
         """Global shape and dtype of each host array of one step."""
-        return {"image": ((self.batch_size, *self.image_shape), np.uint8)}
+        spec = {"image": ((self.batch_size, *self.image_shape), np.uint8)}
+        if self.labels:
+            spec["label"] = ((self.batch_size,), np.int32)
+        return spec
 
     def pair(self, key: jax.Array, host: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         """``(noise, dequantised images)``, each [batch_size, H, W, C] float32."""
         k_noise, k_deq = jax.random.split(key)
         x1 = dequantise(k_deq, host["image"])
         return jax.random.normal(k_noise, x1.shape), x1
+
+    def pair_cond(self, key: jax.Array, host: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``pair``'s batches and the images' int32 labels [batch_size] (needs ``labels=True``)."""
+        if "label" not in host:
+            raise ValueError("pair_cond needs the labels: build the ImageSource with labels=True")
+        x0, x1 = self.pair(key, host)
+        return x0, x1, host["label"]

@@ -12,6 +12,11 @@ ordered sweep, so any slice of a batch has the full distribution. Definitions:
 - ``scurve``: the 2D S curve (sin a, sign(a) (cos a - 1)) with a ~ U[-3 pi/2, 3 pi/2], plus
   N(0, 0.1^2 I) noise, scaled by 2.
 - ``checkerboard``: uniform on the 8 dark squares of a 4x4 board of side 2 over [-4, 4]^2.
+
+Labelled draws (``sample_labeled``, for conditional training) give each point the class it was drawn
+from: the mixture component 0..7 of ``8gaussians`` (component k centred at angle k pi/4), the moon of
+``moons`` (0 outer, 1 inner) and the square of ``checkerboard`` (0..7, column-major over the dark
+squares). The points are those ``sample`` draws from the same key.
 """
 
 from __future__ import annotations
@@ -24,28 +29,45 @@ import jax.numpy as jnp
 
 from fmjax._checks import check_int, lookup
 
-__all__ = ["TOY_SAMPLERS", "TOY_LOG_DENSITIES", "sample", "log_density"]
+__all__ = [
+    "TOY_SAMPLERS",
+    "TOY_LOG_DENSITIES",
+    "TOY_NUM_CLASSES",
+    "sample",
+    "sample_labeled",
+    "log_density",
+]
 
 
 def _gaussian(key, n):
     return jax.random.normal(key, (n, 2), jnp.float32)
 
 
-def _eight_gaussians(key, n):
+def _eight_gaussians_labeled(key, n):
     k_mode, k_noise = jax.random.split(key)
-    angles = jax.random.randint(k_mode, (n,), 0, 8) * (math.pi / 4)
+    labels = jax.random.randint(k_mode, (n,), 0, 8)
+    angles = labels * (math.pi / 4)
     centers = 5.0 * jnp.stack([jnp.cos(angles), jnp.sin(angles)], axis=-1)
-    return centers.astype(jnp.float32) + 0.1**0.25 * jax.random.normal(k_noise, (n, 2), jnp.float32)
+    points = centers.astype(jnp.float32) + 0.1**0.25 * jax.random.normal(k_noise, (n, 2), jnp.float32)
+    return points, labels.astype(jnp.int32)
 
 
-def _moons(key, n):
+def _eight_gaussians(key, n):
+    return _eight_gaussians_labeled(key, n)[0]
+
+
+def _moons_labeled(key, n):
     k_moon, k_angle, k_noise = jax.random.split(key, 3)
     a = jax.random.uniform(k_angle, (n,), jnp.float32, maxval=math.pi)
     outer = jnp.stack([jnp.cos(a), jnp.sin(a)], axis=-1)
     inner = jnp.stack([1 - jnp.cos(a), 0.5 - jnp.sin(a)], axis=-1)
     which = jax.random.bernoulli(k_moon, 0.5, (n, 1))
     points = jnp.where(which, inner, outer) + 0.2 * jax.random.normal(k_noise, (n, 2), jnp.float32)
-    return 3.0 * points - 1.0
+    return 3.0 * points - 1.0, which[:, 0].astype(jnp.int32)
+
+
+def _moons(key, n):
+    return _moons_labeled(key, n)[0]
 
 
 def _scurve(key, n):
@@ -65,6 +87,14 @@ def _checkerboard(key, n):
     return 2.0 * jnp.stack([x, y], axis=-1)
 
 
+def _checkerboard_labeled(key, n):
+    points = _checkerboard(key, n)
+    # column 0..3 and row 0..3 of the board; each column holds two dark squares, one in each row pair
+    column = jnp.clip(jnp.floor(points[:, 0] / 2.0) + 2, 0, 3).astype(jnp.int32)
+    row = jnp.clip(jnp.floor(points[:, 1] / 2.0) + 2, 0, 3).astype(jnp.int32)
+    return points, 2 * column + row // 2
+
+
 TOY_SAMPLERS: dict[str, Callable[[jax.Array, int], jax.Array]] = {
     "gaussian": _gaussian,
     "8gaussians": _eight_gaussians,
@@ -74,11 +104,36 @@ TOY_SAMPLERS: dict[str, Callable[[jax.Array, int], jax.Array]] = {
 }
 """The 2D samplers by name."""
 
+_LABELED: dict[str, tuple[Callable[[jax.Array, int], tuple[jax.Array, jax.Array]], int]] = {
+    "8gaussians": (_eight_gaussians_labeled, 8),
+    "moons": (_moons_labeled, 2),
+    "checkerboard": (_checkerboard_labeled, 8),
+}
+
+TOY_NUM_CLASSES: dict[str, int] = {name: classes for name, (_, classes) in _LABELED.items()}
+"""The classes of the toy distributions that have labels (for conditional training)."""
+
 
 def sample(name: str, key: jax.Array, n: int) -> jax.Array:
     """Draw ``n`` i.i.d. points [n, 2] (float32) from the toy distribution ``name``."""
     check_int("n", n, low=1)
     return lookup("name", name, TOY_SAMPLERS)(key, n)
+
+
+def sample_labeled(name: str, key: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+    """Draw ``n`` points [n, 2] (float32) of ``name`` with their class labels [n] (int32).
+
+    The points are those ``sample(name, key, n)`` draws; ``name`` must be one of ``TOY_NUM_CLASSES``.
+
+    >>> import jax
+    >>> points, labels = sample_labeled("moons", jax.random.key(0), 4)
+    >>> bool((points == sample("moons", jax.random.key(0), 4)).all()), labels.dtype.name
+    (True, 'int32')
+    """
+    check_int("n", n, low=1)
+    if name in TOY_SAMPLERS and name not in _LABELED:
+        raise ValueError(f"{name!r} has no class labels; labelled: {', '.join(TOY_NUM_CLASSES)}")
+    return lookup("name", name, {k: f for k, (f, _) in _LABELED.items()})(key, n)
 
 
 def _gaussian_log_density(x):
