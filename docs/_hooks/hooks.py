@@ -41,7 +41,7 @@ _EXPORTS_SCRIPT = "import json, fmjax; print(json.dumps(fmjax._EXPORTS))"
 
 
 def _run(script: str) -> str:
-    environment = {**os.environ, "COLUMNS": "100", "JAX_PLATFORMS": "cpu"}
+    environment = {**os.environ, "COLUMNS": "80", "JAX_PLATFORMS": "cpu"}
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, env=environment, cwd=ROOT, timeout=300
     )
