@@ -315,6 +315,19 @@ def test_tensorboard_reads_the_scalars(tmp_path):
     assert [e.value for e in accumulator.Scalars("train/grad_norm")] == [1.0, 2.0, 3.0, 4.0, 5.0]
     assert accumulator.file_version == 2.0
 
+    # the TensorBoard server reads through the plugin accumulator, which turns simple_value into tensors
+    # of the scalars plugin
+    from tensorboard.backend.event_processing import plugin_event_accumulator
+    from tensorboard.util import tensor_util
+
+    served = plugin_event_accumulator.EventAccumulator(str(tmp_path))
+    served.Reload()
+    assert sorted(served.PluginTagToContent("scalars")) == ["train/grad_norm", "train/loss"]
+    grad_norm = [
+        (e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in served.Tensors("train/grad_norm")
+    ]
+    assert grad_norm == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0)]
+
 
 @needs_tensorboard
 def test_tensorboard_rejects_a_corrupted_record(tmp_path):
