@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax
@@ -57,13 +58,14 @@ Diffusion = Callable[[jax.Array], jax.Array] | float
 
 
 class SDESolverSpec(NamedTuple):
-    """A diffrax SDE solver, what one step of it costs and the Brownian information it needs.
+    """A diffrax SDE solver, what one step of it costs and what it needs of the Brownian motion.
 
     Attributes:
       make: builds the diffrax solver.
       evals_per_step: drift evaluations per step.
-      levy_area: what the Brownian tree must generate: ``diffrax.BrownianIncrement`` (W) or
-        ``diffrax.SpaceTimeLevyArea`` (W and the space-time Lévy area H).
+      levy_area: what the Brownian tree generates: ``diffrax.BrownianIncrement`` (W) or
+        ``diffrax.SpaceTimeLevyArea`` (W and its space-time Lévy area H, which ShARK and SRA1
+        need; a tree of each kind is a different path for the same key).
       strong_order: strong order of convergence for additive noise.
     """
 
@@ -93,18 +95,20 @@ _DRIFT_HINT = " (an [SF]²M model? fmjax.sde.sf2m_drift(apply_fn, params, sigma)
 
 
 def _diffusion_scale(diffusion: Diffusion, t: jax.Array, x: jax.Array) -> jax.Array:
-    """g(t) as an array broadcastable against x, checked at trace time to be () or [batch]."""
+    """g(t) as an array broadcastable against x, checked at trace time to have shape () or [batch]."""
     if not callable(diffusion):
         return jnp.asarray(diffusion, x.dtype)
     g = diffusion(t)
     if isinstance(g, int | float):
         g = jnp.asarray(g, x.dtype)
-    shapes = ((), x.shape[:1], x.shape)
-    what = f"() (one scale), [batch] = {x.shape[:1]} (one per sample) or x's shape {x.shape}"
-    check_output("diffusion(t)", g, g.shape if tuple(g.shape) in shapes else (), what)
-    if g.ndim == 1 and x.ndim > 1:
-        g = g.reshape(g.shape + (1,) * (x.ndim - 1))
-    return g.astype(x.dtype)
+    shape = tuple(getattr(g, "shape", ()))
+    check_output("diffusion(t)", g, shape, "()")
+    if shape not in ((), x.shape[:1]):
+        raise ValueError(
+            f"diffusion(t) must return shape () (one scale) or [batch] = {x.shape[:1]} (one per "
+            f"sample); got shape {shape}"
+        )
+    return g.reshape(g.shape + (1,) * (x.ndim - g.ndim)).astype(x.dtype)
 
 
 def _drift_term(t, x, args):
@@ -119,33 +123,46 @@ def _diffusion_term(t, x, args):
     return lineax.DiagonalLinearOperator(jnp.broadcast_to(_diffusion_scale(diffusion, t, x), x.shape))
 
 
-def _solve(drift, diffusion, x0, key, spec, ts, saveat):
-    """One diffrax solve on the fixed grid ``ts``; returns the diffrax solution."""
-    t0, t1 = float(ts[0]), float(ts[-1])
-    steps = len(ts) - 1
+@eqx.filter_jit
+def _solve(
+    drift, diffusion, x0, key, *, solver: str, t0: float, t1: float, steps: int, save_trajectory: bool
+):
+    """One diffrax solve on the grid of ``steps`` equal steps, compiled once per configuration (the
+    callables and Python numbers are static, arrays traced): returns (ys, num_steps, status), ys
+    the state at t1 ([1, batch, *dims]) or at every grid time ([steps + 1, batch, *dims])."""
+    spec = SDE_SOLVERS[solver]
+    ts = np.linspace(t0, t1, steps + 1)
     # The tree's finest level is the grid's dyadic refinement: for step counts that are powers of
     # two, the grid points are nodes of the tree, so a finer grid refines the same Brownian path.
+    # Only the solvers that use it draw the Lévy area: it costs Euler-Maruyama 1.5x the Brownian
+    # work and twice the compile time.
     tol = (t1 - t0) / 2 ** math.ceil(math.log2(steps))
     brownian = diffrax.VirtualBrownianTree(
-        t0, t1, tol=tol, shape=jax.ShapeDtypeStruct(x0.shape, x0.dtype), key=key, levy_area=spec.levy_area
+        t0,
+        t1,
+        tol=tol,
+        shape=jax.ShapeDtypeStruct(x0.shape, x0.dtype),
+        key=key,
+        levy_area=spec.levy_area,
     )
     terms = diffrax.MultiTerm(diffrax.ODETerm(_drift_term), diffrax.ControlTerm(_diffusion_term, brownian))
-    return diffrax.diffeqsolve(
+    solution = diffrax.diffeqsolve(
         terms,
         spec.make(),
         t0=t0,
         t1=t1,
         dt0=None,
         y0=x0,
-        args=colocate((drift, diffusion), x0),
-        saveat=saveat,
+        args=(drift, diffusion),
+        saveat=diffrax.SaveAt(ts=ts) if save_trajectory else diffrax.SaveAt(t1=True),
         stepsize_controller=diffrax.StepTo(ts=ts),
         max_steps=steps,
         throw=False,
     )
+    return solution.ys, solution.stats["num_steps"], solve_status(solution, solution.ys[-1])
 
 
-def _explain_failure(drift, diffusion, x0, key, spec, ts, solver: str) -> FloatingPointError:
+def _explain_failure(drift, diffusion, x0, key, **options) -> FloatingPointError:
     """Solve again with an instrumented drift and say where the solve first went non-finite."""
     drift_hits, state_hits = [], []
 
@@ -163,8 +180,8 @@ def _explain_failure(drift, diffusion, x0, key, spec, ts, solver: str) -> Floati
         )
         return out
 
-    jax.block_until_ready(_solve(instrumented, diffusion, x0, key, spec, ts, diffrax.SaveAt(t1=True)).ys)
-    how = f"sample_sde with solver {solver!r} and {len(ts) - 1} steps"
+    jax.block_until_ready(_solve(instrumented, diffusion, x0, key, **options))
+    how = f"sample_sde with solver {options['solver']!r} and {options['steps']} steps"
     if drift_hits:
         return FloatingPointError(
             f"drift(t, x) returned NaN or inf at t={min(drift_hits):.6g} for a finite state; {how} cannot "
@@ -196,18 +213,19 @@ def sample_sde(
     """Integrate the Itô SDE dx = f(t, x) dt + g(t) dW from ``t0`` to ``t1`` in ``steps`` equal steps.
 
     W is a Brownian motion of x's shape (independent across samples and dimensions), a
-    ``diffrax.VirtualBrownianTree`` drawn from ``key``: the same key gives the same path, and for
-    step counts that are powers of two a finer grid refines the same path. The noise is additive
-    (g depends on t only), where Itô and Stratonovich agree, so every solver of ``SDE_SOLVERS``
-    converges to this solution.
+    ``diffrax.VirtualBrownianTree`` drawn from ``key``: the same key gives the same path (for the
+    solvers of one ``levy_area`` kind: euler_maruyama and heun, or shark and sra1), and for step
+    counts that are powers of two a finer grid refines the same path. The
+    noise is additive (g depends on t only), where Itô and Stratonovich agree, so every solver of
+    ``SDE_SOLVERS`` converges to this solution.
 
     Args:
       drift: ``drift(t, x) -> f`` with t a scalar and x of shape [batch, *dims]; it must return a
         real floating array of x's shape (checked once at trace time; the error names ``drift``).
         For an [SF]²M model: ``sf2m_drift(apply_fn, params, sigma)``.
-      diffusion: the noise scale g: a function ``diffusion(t)`` returning an array of shape ()
-        (one scale), [batch] (one per sample) or x's shape (one per coordinate), or a real number
-        >= 0 for a constant g (sigma for [SF]²M).
+      diffusion: the noise scale g: a function ``diffusion(t)`` returning a real array of shape
+        () (one scale) or [batch] (one per sample; checked at trace time, the error names
+        ``diffusion``), or a real number >= 0 for a constant g (sigma for [SF]²M).
       x0: starting points, shape [batch, *dims], batch >= 1, finite.
       key: one PRNG key for the Brownian motion.
       solver: a name from ``SDE_SOLVERS``: "euler_maruyama" (default), "heun", "shark", "sra1".
@@ -249,22 +267,23 @@ def sample_sde(
     check_batch("x0", x0)
     check_finite("x0", x0)
     check_key("key", key)
-    spec = lookup("solver", solver, SDE_SOLVERS)
+    lookup("solver", solver, SDE_SOLVERS)
     steps = check_int("steps", steps, low=1)
     t0 = check_real("t0", t0, low=0.0, high=1.0)
     t1 = check_real("t1", t1, low=0.0, high=1.0)
     if not t0 < t1:
         raise ValueError(f"t1 must be > t0 (the SDE runs forward in time); got t0={t0}, t1={t1}")
     save_trajectory = check_bool("save_trajectory", save_trajectory)
-    ts = np.linspace(t0, t1, steps + 1)
-    saveat = diffrax.SaveAt(ts=ts) if save_trajectory else diffrax.SaveAt(t1=True)
-    solution = _solve(drift, diffusion, x0, key, spec, ts, saveat)
-    x1 = solution.ys[-1]
-    status = solve_status(solution, x1)
+    options = dict(solver=solver, t0=t0, t1=t1, steps=steps, save_trajectory=save_trajectory)
+    drift, diffusion = colocate((drift, diffusion), x0)
+    ys, num_steps, status = _solve(drift, diffusion, x0, key, **options)
     if not is_traced(status) and int(status):
-        raise _explain_failure(drift, diffusion, x0, key, spec, ts, solver)
-    nfe = jnp.asarray(solution.stats["num_steps"] * spec.evals_per_step, jnp.int32)
-    trajectory = Trajectory(ts=jnp.asarray(ts, x0.dtype), xs=solution.ys) if save_trajectory else None
+        raise _explain_failure(drift, diffusion, x0, key, **options)
+    nfe = (num_steps * SDE_SOLVERS[solver].evals_per_step).astype(jnp.int32)
+    trajectory = None
+    if save_trajectory:
+        trajectory = Trajectory(ts=jnp.linspace(t0, t1, steps + 1, dtype=x0.dtype), xs=ys)
+    x1 = ys[-1]
     return SampleResult(x1=x1, nfe=nfe, trajectory=trajectory, status=status)
 
 
