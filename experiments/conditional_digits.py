@@ -164,10 +164,17 @@ def judge(classifier: Classifier, images, asked, reference, reference_labels) ->
     }
 
 
-def run(settings: dict, *, seed: int, data_dir: str | None = None) -> dict:
-    """Train the classifier and the conditional model, sample every scale, judge; returns the record."""
+def run(
+    settings: dict, *, seed: int, data_dir: str | None = None, classifier: Classifier | None = None
+) -> dict:
+    """Train the classifier (unless given) and the conditional model, sample every scale, judge.
+
+    Returns the record: settings, the classifier's test accuracy, the floor, one row per (solver,
+    scale), losses, seconds, and the samples of the main solver by scale with the class asked of each.
+    """
     start = time.perf_counter()
-    classifier = train_classifier(seed=seed, data_dir=data_dir)
+    if classifier is None:
+        classifier = train_classifier(seed=seed, data_dir=data_dir)
     train_levels, train_labels = load_digits("train", data_dir=data_dir)
     test_levels, test_labels = load_digits("test", data_dir=data_dir)
     rng = np.random.default_rng(10_000 + seed)

@@ -215,9 +215,9 @@ def sample_sde(
     W is a Brownian motion of x's shape (independent across samples and dimensions), a
     ``diffrax.VirtualBrownianTree`` drawn from ``key``: the same key gives the same path (for the
     solvers of one ``levy_area`` kind: euler_maruyama and heun, or shark and sra1), and for step
-    counts that are powers of two a finer grid refines the same path. The
-    noise is additive (g depends on t only), where Itô and Stratonovich agree, so every solver of
-    ``SDE_SOLVERS`` converges to this solution.
+    counts that are powers of two a finer grid refines the same path. The noise is additive (g
+    depends on t only), where Itô and Stratonovich agree, so every solver of ``SDE_SOLVERS``
+    converges to this solution.
 
     Args:
       drift: ``drift(t, x) -> f`` with t a scalar and x of shape [batch, *dims]; it must return a
