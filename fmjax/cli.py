@@ -251,6 +251,18 @@ def _add_train(sub) -> None:
         action="store_true",
         help="with --conditional and an OT coupling (exact, sinkhorn, sb): pair only within a class",
     )
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write the metrics as TensorBoard event files under OUT/tensorboard/ "
+        "(view: tensorboard --logdir OUT)",
+    )
+    p.add_argument(
+        "--wandb",
+        default=None,
+        metavar="PROJECT",
+        help="also log the metrics to this Weights & Biases project (needs: pip install wandb)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
@@ -304,8 +316,6 @@ def _init_distributed(args) -> None:
 
 
 def _cmd_train(args) -> int:
-    from tqdm import tqdm
-
     from fmjax import runs
 
     config = _config_from_args(args)
@@ -321,6 +331,28 @@ def _cmd_train(args) -> int:
     if _interrupts.requested():
         return _interrupted("interrupted before training started; nothing was written")
 
+    loggers = []
+    if args.wandb is not None and jax.process_index() == 0:
+        from fmjax.tensorboard import WandbLogger
+
+        try:
+            name = os.path.basename(os.path.normpath(run_dir))
+            loggers.append(WandbLogger(project=args.wandb, name=name, config=config.to_json()))
+        except ModuleNotFoundError as error:
+            raise _UsageError(str(error)) from None
+    try:
+        return _train_and_evaluate(args, config, run_dir, loggers)
+    finally:
+        for logger in loggers:
+            logger.close()
+
+
+def _train_and_evaluate(args, config, run_dir: str, loggers: list) -> int:
+    import jax
+    from tqdm import tqdm
+
+    from fmjax import runs
+
     bar = tqdm(total=config.steps, desc="train", unit="step", disable=args.no_progress, dynamic_ncols=True)
     start = time.perf_counter()
     _interrupts.defer = True
@@ -334,6 +366,8 @@ def _cmd_train(args) -> int:
             devices=args.devices,
             pipeline=args.pipeline,
             stop=_interrupts.requested,
+            tensorboard=args.tensorboard,
+            loggers=loggers,
         )
     except runs.TrainingInterrupted as stopped:
         bar.close()
@@ -352,7 +386,10 @@ def _cmd_train(args) -> int:
         return 0
     in_evaluation = "interrupted during the evaluation; training is complete: rerun the command to evaluate"
     try:
-        summary = runs.evaluate(run, run_dir, plots=not args.no_plots, data_dir=args.data_dir)
+        summary = runs.evaluate(
+            run, run_dir, plots=not args.no_plots, data_dir=args.data_dir, tensorboard=args.tensorboard,
+            loggers=loggers,
+        )  # fmt: skip
     except KeyboardInterrupt:
         return _interrupted(in_evaluation)
     if _interrupts.requested():
@@ -373,7 +410,8 @@ def _cmd_train(args) -> int:
     )
     if config.conditional:
         per_class = ", ".join(f"{w:.3f}" for w in summary["w2_per_class"])
-        print(f"conditional on the target's labels; W2 per class (0 .. {config.num_classes - 1}): {per_class}")
+        classes = f"0 .. {config.num_classes - 1}"
+        print(f"conditional on the target's labels; W2 per class ({classes}): {per_class}")
     return 0
 
 

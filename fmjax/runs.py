@@ -12,7 +12,9 @@ A run directory holds:
   ``<step>.corrupt``, never deleted;
 - ``train.lock``: present while an ``fmjax train`` writes the directory (its pid and host inside);
 - ``samples.png``, ``trajectories.png``, ``loss.png``: plots;
-- ``summary.json``: the final evaluation.
+- ``summary.json``: the final evaluation;
+- ``tensorboard/``: with ``train(..., tensorboard=True)`` (``fmjax train --tensorboard``), the training
+  records (``train/...``) and the evaluation (``eval/...``) as TensorBoard event files.
 
 Nothing is written before the configuration and the data have been checked, and a readable checkpoint is
 never renamed, moved or deleted by a failure.
@@ -28,7 +30,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -66,6 +68,7 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
 LOCK_FILE = "train.lock"
+TENSORBOARD_DIR = "tensorboard"
 SIGMA_PATHS = ("condot", "linear", "sb")
 DEFAULT_SIGMA = 0.1
 DEFAULT_SIGMA_IMAGES = 1e-4
@@ -764,6 +767,8 @@ def train(
     solver_threads: int | None = None,
     source: Any = None,
     stop: Callable[[], bool] | None = None,
+    tensorboard: bool = False,
+    loggers: Sequence[Any] = (),
 ) -> Run:
     """Train ``config`` in ``run_dir``, resuming exactly from its latest good checkpoint if it has one.
 
@@ -807,6 +812,11 @@ def train(
     ``source`` replaces the data the configuration names (``fmjax.data.sources``: an object with
     ``host_spec()``, ``host_batch(step)`` and ``pair(key, host)``, e.g. an ``ImageSource`` over any
     random-access records); the model still follows ``config`` (``dataset`` picks the UNet's shape).
+
+    Metrics also go, from process 0, to TensorBoard event files in ``run_dir/tensorboard`` when
+    ``tensorboard`` (a resumed run's new file purges the steps after its checkpoint) and to each of
+    ``loggers`` (objects with ``scalars(dict, step)``, e.g. ``fmjax.tensorboard.WandbLogger``), as
+    ``train/<name>``.
     """
     run_dir = os.fspath(run_dir)
     say = log or (lambda message: None)
@@ -845,7 +855,10 @@ def train(
     elif failure is not None:
         raise failure
     try:
-        state = _train_loop(config, run_dir, run, mesh, data, say, progress, pipeline, solver_threads, stop)
+        sinks = (tensorboard, tuple(loggers))
+        state = _train_loop(
+            config, run_dir, run, mesh, data, say, progress, pipeline, solver_threads, stop, sinks
+        )
     finally:
         if lock is not None:
             lock.release()
@@ -868,7 +881,31 @@ def _stop_requested(stop: Callable[[], bool] | None) -> bool:
     return bool(np.asarray(multihost_utils.process_allgather(np.int32(asked))).any())
 
 
-def _train_loop(config, run_dir, run, mesh, source, say, progress, pipeline, solver_threads, stop):
+def _metric_sinks(stack: contextlib.ExitStack, run_dir: str, sinks, resumed: int | None) -> list:
+    """The writers the records also go to (process 0): TensorBoard files when asked, and the loggers."""
+    tensorboard, loggers = sinks
+    out = list(loggers)
+    if tensorboard:
+        from fmjax.tensorboard import SummaryWriter
+
+        directory = os.path.join(run_dir, TENSORBOARD_DIR)
+        # a resumed run's records after its checkpoint were logged by the run that stopped: TensorBoard drops
+        # them (the records up to the checkpoint's step belong to it and stay)
+        purge = None if resumed is None else resumed + 1
+        out.append(stack.enter_context(SummaryWriter(directory, purge_step=purge)))
+    return out
+
+
+def log_to_sinks(sinks: Sequence[Any], prefix: str, record: dict[str, Any], step: int) -> None:
+    """``record``'s real scalars as ``prefix/name`` at ``step`` to each sink (``scalars(dict, step)``)."""
+    from fmjax.tensorboard import scalar_values
+
+    values = {f"{prefix}/{name}": value for name, value in scalar_values(record).items()}
+    for sink in sinks:
+        sink.scalars(values, step)
+
+
+def _train_loop(config, run_dir, run, mesh, source, say, progress, pipeline, solver_threads, stop, sinks):
     """The training loop of ``train`` in a locked, checked run directory; returns the final state."""
     from fmjax._pipeline import HostPairs, Prefetcher
 
@@ -953,6 +990,7 @@ def _train_loop(config, run_dir, run, mesh, source, say, progress, pipeline, sol
             if progress is not None:
                 progress(done)
         metrics_log = stack.enter_context(open(metrics_path if writer else os.devnull, "a"))
+        sinks = _metric_sinks(stack, run_dir, sinks, resumed) if writer else []
         readers = stack.enter_context(ThreadPoolExecutor(INPUT_THREADS, thread_name_prefix="fmjax-input"))
         prefetch = Prefetcher(_chunks(done, config, limit), place)
         stack.callback(prefetch.close)
@@ -1006,6 +1044,7 @@ def _train_loop(config, run_dir, run, mesh, source, say, progress, pipeline, sol
                 host_busy = busy
                 metrics_log.write(json.dumps(record) + "\n")
                 metrics_log.flush()
+                log_to_sinks(sinks, "train", record, done)
                 logged = []
             if done % config.checkpoint_every == 0 or done == config.steps:
                 ckpt.save(done, state, wait=done == config.steps)
@@ -1117,7 +1156,13 @@ def class_points(name: str, key: jax.Array, label: int, n: int) -> np.ndarray:
 
 
 def evaluate(
-    run: Run, run_dir: str | os.PathLike, *, plots: bool = True, data_dir: str | None = None
+    run: Run,
+    run_dir: str | os.PathLike,
+    *,
+    plots: bool = True,
+    data_dir: str | None = None,
+    tensorboard: bool = False,
+    loggers: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Sample from the trained model and measure it against fresh target samples.
 
@@ -1125,7 +1170,17 @@ def evaluate(
     W2 is exact (POT) on ``eval_samples`` points with the adaptive ``eval_solver``; path energy and
     NPE come from a 100-step Euler solve, as in the OT-CFM papers. ``w2_target_floor`` is the W2
     between two independent target samples of the same size: no model can be expected to go below it.
+    The summary's real scalars also go to ``run_dir/tensorboard`` (``tensorboard``) and ``loggers`` as
+    ``eval/<name>`` at the run's step.
     """
+    summary = _evaluate(run, run_dir, plots=plots, data_dir=data_dir)
+    with contextlib.ExitStack() as stack:
+        sinks = _metric_sinks(stack, os.fspath(run_dir), (tensorboard, tuple(loggers)), None)
+        log_to_sinks(sinks, "eval", summary, summary["step"])
+    return summary
+
+
+def _evaluate(run: Run, run_dir, *, plots: bool, data_dir: str | None) -> dict[str, Any]:
     config = run.config
     check_finite_params(run)
     if config.dataset is not None:
