@@ -35,6 +35,16 @@ _API_NAMES = {
         "class": "--class",
         "guidance": "--guidance",
     },
+    "reflow": {
+        "run_dir": "--out",
+        "pairs": "--pairs",
+        "solver": "--solver",
+        "solver_steps": "--solver-steps",
+        "init": "--init",
+        "steps": "--steps",
+        "batch_size": "--batch-size",
+        "seed": "--seed",
+    },
     "nll": {
         "n": "--n",
         "divergence": "--divergence",
@@ -347,7 +357,66 @@ def _cmd_train(args) -> int:
             logger.close()
 
 
-def _train_and_evaluate(args, config, run_dir: str, loggers: list) -> int:
+def _add_reflow(sub) -> None:
+    from fmjax.sampling import SOLVERS
+
+    p = sub.add_parser(
+        "reflow",
+        help="rectified flow's reflow: solve a run's flow for (x0, x1) pairs, train a new run on them",
+    )
+    p.add_argument("run_dir", help="the teacher: a directory written by fmjax train (or fmjax reflow)")
+    p.add_argument("--out", required=True, help="the new run's directory (its pairs go to OUT/pairs.npz)")
+    p.add_argument(
+        "--pairs",
+        type=int,
+        default=None,
+        help="source points solved into pairs (default 20000; 4096 for images)",
+    )
+    p.add_argument(
+        "--solver", default="dopri5", help=f"solver of the teacher's flow, one of {', '.join(SOLVERS)}"
+    )
+    p.add_argument("--solver-steps", type=int, default=None, help="fixed solver steps (default: adaptive)")
+    p.add_argument(
+        "--init",
+        default="scratch",
+        help="'scratch' (the default: a fresh model, as the reflow experiment trains) or 'teacher' (start "
+        "from the teacher's parameters with a fresh optimiser)",
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help="optimiser steps of the new run (default: the teacher's)"
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="default: the teacher's")
+    p.add_argument(
+        "--data-dir", default=None, help="tfds data directory of an image run (for its evaluation)"
+    )
+    p.add_argument("--devices", type=int, default=None, help="shard the batch over the first N devices")
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.set_defaults(pipeline=True, wandb=None)
+
+
+def _say(message: str) -> None:
+    print(f"fmjax: {message}", file=sys.stderr)
+
+
+def _cmd_reflow(args) -> int:
+    from fmjax import runs
+
+    overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size)) if v is not None}
+    if _interrupts.requested():
+        return _interrupted("interrupted before it started; nothing was written")
+    try:
+        config, initial = runs.prepare_reflow(
+            args.run_dir, args.out, pairs=args.pairs, solver=args.solver, solver_steps=args.solver_steps,
+            init=args.init, overrides=overrides, log=_say,
+        )  # fmt: skip
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        raise _UsageError(str(error)) from None
+    return _train_and_evaluate(args, config, args.out, [], initial_state=initial)
+
+
+def _train_and_evaluate(args, config, run_dir: str, loggers: list, initial_state=None) -> int:
     import jax
     from tqdm import tqdm
 
@@ -368,6 +437,7 @@ def _train_and_evaluate(args, config, run_dir: str, loggers: list) -> int:
             stop=_interrupts.requested,
             tensorboard=args.tensorboard,
             loggers=loggers,
+            initial_state=initial_state,
         )
     except runs.TrainingInterrupted as stopped:
         bar.close()
@@ -402,12 +472,18 @@ def _train_and_evaluate(args, config, run_dir: str, loggers: list) -> int:
             f"bits/dim = {summary['bits_per_dim']:.3f} +- {summary['bits_per_dim_stderr']:.3f} on "
             f"{summary['n']} test images (Hutchinson, 4 probes; fmjax nll for the exact value)"
         )
+        few = ", ".join(f"{steps}: {fd:.4f}" for steps, fd in summary["fd_euler_steps"].items())
+        print(
+            f"pixel Fréchet distance to {summary['fd_test_images']} test images after few Euler steps ({few})"
+        )
         return 0
     print(
         f"W2 = {summary['w2']:.4f} ({summary['solver']}, NFE = {summary['nfe']}); "
         f"W2 = {summary['w2_euler100']:.4f} (euler, NFE = 100); NPE = {summary['npe']:.3f}; "
         f"target sample floor W2 = {summary['w2_target_floor']:.4f}"
     )
+    few = ", ".join(f"{steps}: {w2:.4f}" for steps, w2 in summary["w2_euler_steps"].items())
+    print(f"W2 after few Euler steps ({few})")
     if config.conditional:
         per_class = ", ".join(f"{w:.3f}" for w in summary["w2_per_class"])
         classes = f"0 .. {config.num_classes - 1}"
@@ -621,7 +697,7 @@ def _report_nll(run_dir: str, result: dict, message: str) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "sample": _cmd_sample, "nll": _cmd_nll}
+COMMANDS = {"train": _cmd_train, "reflow": _cmd_reflow, "sample": _cmd_sample, "nll": _cmd_nll}
 
 
 def _drop_closed_loop_noise(unraisable: Any) -> None:
@@ -648,6 +724,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="fmjax", description="Flow matching in JAX.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     _add_train(sub)
+    _add_reflow(sub)
     _add_run_commands(sub)
     in_main_thread = threading.current_thread() is threading.main_thread()
     if in_main_thread:

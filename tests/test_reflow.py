@@ -308,3 +308,75 @@ def test_one_reflow_is_straighter_than_its_teacher_full(tmp_path):
     result, _ = _reflow_experiment(tmp_path, steps=20_000, pairs=20_000, eval_points=5000, ema_decay=0.999)
     _assert_reflow_straightens(result)
     assert result["student_w2_euler1"] < 0.5, result
+
+
+# --- fmjax reflow ------------------------------------------------------------------------------------
+
+TEACHER = ["--steps", "200", "--batch-size", "64", "--width", "16", "--log-every", "100",
+           "--checkpoint-every", "200", "--eval-samples", "300", "--no-progress", "--no-plots"]  # fmt: skip
+
+
+def test_cli_reflow_solves_pairs_trains_on_them_and_resumes(tmp_path, capsys):
+    from fmjax.cli import main
+    from fmjax.runs import prepare_reflow
+
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    assert main(["train", "--coupling", "exact", "--out", str(teacher), *TEACHER]) == 0
+    argv = ["reflow", str(teacher), "--out", str(student), "--pairs", "256", "--steps", "100",
+            "--no-progress", "--no-plots"]  # fmt: skip
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "solved 256 pairs" in captured.err and "W2 after few Euler steps (1: " in captured.out
+    config = json.loads((student / "config.json").read_text())
+    student_fields = (config["pairs"], config["coupling"], config["path"], config["sigma"])
+    assert student_fields == ("pairs.npz", "independent", "linear", 0.0)
+    assert config["steps"] == 100 and config["width"] == 16  # overridden / the teacher's
+    x0, x1, metadata = load_pairs(student / "pairs.npz")
+    assert x0.shape == x1.shape == (256, 2) and metadata["teacher"] == str(teacher)
+    assert metadata["pairs"] == 256 and metadata["solver"] == "dopri5" and metadata["nfe"] > 0
+    summary = json.loads((student / "summary.json").read_text())
+    assert sorted(summary["w2_euler_steps"]) == ["1", "2", "4", "8"]
+    # the student's pairs are the teacher's flow from source points: a fresh solve gives the same x1
+    teacher_run = load_run(teacher)
+    again = sample(as_velocity(teacher_run.apply_fn, teacher_run.state.ema_params), jnp.asarray(x0[:32]))
+    # (the adaptive steps follow the error of the whole batch solved: 256 points there, 32 here)
+    np.testing.assert_allclose(np.asarray(again.x1), x1[:32], atol=5e-3)
+
+    assert main(argv) == 0  # the same command: the pairs are reused and the finished run is kept
+    assert "using the 256 pairs already solved" in capsys.readouterr().err
+    assert main(["sample", str(student), "--n", "50", "--solver", "euler", "--steps", "1"]) == 0
+
+    config, initial = prepare_reflow(teacher, tmp_path / "warm", pairs=128, init="teacher")
+    leaves = zip(jax.tree.leaves(initial.params), jax.tree.leaves(teacher_run.state.ema_params), strict=True)
+    for a, b in leaves:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # starts from the teacher's EMA
+    assert int(initial.step) == 0 and config.pairs == "pairs.npz"
+
+
+def test_cli_reflow_errors_are_one_line(tmp_path, capsys):
+    from fmjax.cli import main
+
+    teacher, cond = tmp_path / "teacher", tmp_path / "cond"
+    assert main(["train", "--out", str(teacher), *TEACHER]) == 0
+    assert main(["train", "--conditional", "--out", str(cond), *TEACHER]) == 0
+    capsys.readouterr()
+    out = str(tmp_path / "new")
+    cases = [
+        (["reflow", str(cond), "--out", out], "teacher is a conditional run"),
+        (["reflow", str(teacher), "--out", out, "--init", "warm"], "--init must be one of"),
+        (["reflow", str(teacher), "--out", out, "--pairs", "0"], "--pairs must be"),
+        (["reflow", str(teacher), "--out", out, "--pairs", "32"], "--pairs must be at least the batch size"),
+        (["reflow", str(teacher), "--out", out, "--solver", "rk9"], "--solver must be one of"),
+        (["reflow", str(tmp_path / "missing"), "--out", out], "does not exist"),
+        (["reflow", str(teacher)], "--out"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (argv, err)
+    assert not os.path.exists(out)  # nothing written by a refused command
+    assert main(["reflow", str(teacher), "--out", out, "--pairs", "64", "--steps", "10", "--no-progress",
+                 "--no-plots"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["reflow", str(teacher), "--out", out, "--pairs", "128", "--steps", "10"]) == 2
+    assert "holds pairs of another reflow (differs in --pairs)" in capsys.readouterr().err
