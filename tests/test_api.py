@@ -20,6 +20,10 @@ MODULES = [
     "fmjax.runs",
     "fmjax.reflow",
     "fmjax.data.pairs",
+    "fmjax.sde",
+    "fmjax.tensorboard",
+    "fmjax.image_runs",
+    "fmjax.plotting",
 ]
 
 
@@ -41,6 +45,7 @@ def test_design_entry_points_are_top_level():
         "as_velocity", "guided_velocity",
         "independent", "exact", "sinkhorn", "schrodinger_bridge", "CondOT", "Linear", "SchrodingerBridge",
         "VariancePreserving", "VPDiffusion", "wasserstein2",
+        "sample_sde", "sf2m_loss", "sf2m_drift", "sf2m_velocity", "reflow_pairs",
     ]  # fmt: skip
     for public in entry_points:
         assert public in fmjax.__all__ and hasattr(fmjax, public)
