@@ -231,15 +231,19 @@ def run(
 
 
 def figure(path: str, samples: dict, asked: np.ndarray, *, columns: int = 8, title: str = "") -> None:
-    """One panel per guidance scale: a row of ``columns`` samples per class (classes 0..9 down)."""
+    """One panel per guidance scale (four across): a row of ``columns`` samples per class (0..9 down)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     scales = list(samples)
-    fig, axes = plt.subplots(1, len(scales), figsize=(2.1 * len(scales), 2.9), squeeze=False)
-    for ax, scale in zip(axes[0], scales, strict=True):
+    across = min(len(scales), 4)
+    down = -(-len(scales) // across)
+    fig, axes = plt.subplots(down, across, figsize=(2.3 * across, 2.7 * down + 0.3), squeeze=False)
+    for ax in axes.ravel()[len(scales) :]:
+        ax.axis("off")
+    for ax, scale in zip(axes.ravel(), scales, strict=False):
         images = np.clip((samples[scale][..., 0] + 1.0) / 2.0, 0.0, 1.0)
         tiles = np.ones((CLASSES * 9 - 1, columns * 9 - 1))
         for k in range(CLASSES):
