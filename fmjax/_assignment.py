@@ -9,9 +9,31 @@ try:
 except ImportError:  # built without a C compiler
     _lap = None
 
-__all__ = ["HAVE_NATIVE", "solve_assignment", "solve_assignment_points", "solve_assignment_pot"]
+__all__ = [
+    "HAVE_NATIVE",
+    "SOLVER_NAME",
+    "solve_assignment",
+    "solve_assignment_points",
+    "solve_assignment_pot",
+]
 
 HAVE_NATIVE = _lap is not None
+SOLVER_NAME = (
+    "fmjax C (auction + Jonker-Volgenant)" if HAVE_NATIVE else "POT network simplex (C extension not built)"
+)
+"""The host solver the exact coupling uses, in words (``fmjax --version``, a run's ``config.json``)."""
+
+if not HAVE_NATIVE:
+    import os as _os
+    import warnings as _warnings
+
+    if _os.environ.get("FMJAX_VERBOSE"):
+        _warnings.warn(
+            "fmjax's C assignment solver was not built (no C compiler at install time): the exact coupling "
+            "uses POT, 3-6x slower; reinstall with a C compiler (pip install -e .) to build it",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 def solve_assignment_pot(cost: np.ndarray) -> np.ndarray:

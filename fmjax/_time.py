@@ -66,5 +66,5 @@ def logit_normal(*, mean: float = 0.0, std: float = 1.0) -> LogitNormal:
     return LogitNormal(mean=mean, std=std)
 
 
-TIME_SAMPLERS = {"uniform": lambda: uniform, "logit_normal": logit_normal}
+TIME_SAMPLERS = {"uniform": lambda: uniform, "logit_normal": logit_normal, "logit-normal": logit_normal}
 """Time-sampler factories by name, as accepted by the CLI's ``--time-sampler``."""

@@ -24,6 +24,13 @@ from typing import Any
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
+COMMAND_HELP = {
+    "train": "train a flow (2D toy data, or images with --dataset) and evaluate it",
+    "reflow": "rectified flow's reflow: solve a run's flow for (x0, x1) pairs, train a new run on them",
+    "sample": "sample a trained run: a PNG of the samples, NFE and W2",
+    "nll": "negative log-likelihood of fresh target points under a trained run",
+}
+
 # names of the Python API (RunConfig fields, function arguments) that the commands' options stand for
 _API_NAMES = {
     "train": {"sigma_min": "--sigma", "run_dir": "--out", "data_dir": "--data-dir", "devices": "--devices"},
@@ -125,6 +132,30 @@ class _UsageError(Exception):
     pass
 
 
+class _HELP_FORMAT(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows each option's default (where it has one)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Version(argparse.Action):
+    """``fmjax --version``: fmjax's and jax's versions and the exact coupling's host solver."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib.metadata import version
+
+        from fmjax._assignment import SOLVER_NAME
+
+        print(f"fmjax {version('fmjax')} (jax {version('jax')}; exact coupling solver: {SOLVER_NAME})")
+        parser.exit()
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that raises instead of printing usage, so every error is one line."""
 
@@ -145,9 +176,23 @@ def _add_train(sub) -> None:
     from fmjax.sampling import SOLVERS
 
     defaults = RunConfig()
-    p = sub.add_parser("train", help="train a flow on 2D toy data and evaluate it")
-    p.add_argument("--source", default=defaults.source, help=f"one of {', '.join(TOY_SAMPLERS)}")
-    p.add_argument("--target", default=defaults.target, help=f"one of {', '.join(TOY_SAMPLERS)}")
+    p = sub.add_parser(
+        "train",
+        help=COMMAND_HELP["train"],
+        description="Train a flow from a source to a target (2D toy data, or Gaussian noise to images with "
+        "--dataset), checkpointing as it goes, then evaluate it. The same command resumes a stopped run.",
+        formatter_class=_HELP_FORMAT,
+    )
+    p.add_argument(
+        "--source",
+        default=None,
+        help=f"2D runs: one of {', '.join(TOY_SAMPLERS)} (default {defaults.source})",
+    )
+    p.add_argument(
+        "--target",
+        default=None,
+        help=f"2D runs: one of {', '.join(TOY_SAMPLERS)} (default {defaults.target})",
+    )
     p.add_argument(
         "--dataset",
         default=None,
@@ -174,9 +219,26 @@ def _add_train(sub) -> None:
     )
     p.add_argument("--steps", type=int, default=defaults.steps, help="optimiser steps")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--width", type=int, default=defaults.width, help="MLP hidden width")
-    p.add_argument("--depth", type=int, default=defaults.depth, help="MLP hidden layers")
-    p.add_argument("--activation", default=defaults.activation, help=f"one of {', '.join(ACTIVATIONS)}")
+    p.add_argument(
+        "--width",
+        type=int,
+        default=defaults.width,
+        help="MLP hidden width; with --dataset the UNet's base channels",
+    )
+    p.add_argument(
+        "--depth", type=int, default=None, help=f"2D runs: MLP hidden layers (default {defaults.depth})"
+    )
+    p.add_argument(
+        "--activation",
+        default=None,
+        help=f"2D runs: the MLP's activation, one of {', '.join(ACTIVATIONS)} "
+        f"(default {defaults.activation})",
+    )
+    p.add_argument(
+        "--time-sampler",
+        default=defaults.time_sampler,
+        help="distribution of the training times t: uniform on [0, 1], or logit-normal (sigmoid of N(0, 1))",
+    )
     p.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     p.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
@@ -275,14 +337,26 @@ def _add_train(sub) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--no-eval", action="store_true", help="train only; the same command again evaluates")
+
+
+_TOY_ONLY = ("source", "target", "depth", "activation")
 
 
 def _config_from_args(args):
     from fmjax.runs import RunConfig
 
     fields = {f.name for f in dataclasses.fields(RunConfig)}
+    given = {k: v for k, v in vars(args).items() if k in fields}
+    if given.get("dataset") is not None:
+        toy = [_flags("train")[name] for name in _TOY_ONLY if given.get(name) is not None]
+        if toy:
+            raise _UsageError(
+                f"{', '.join(toy)}: for 2D runs only; an image run (--dataset) trains a UNet from noise"
+            )
+    given = {k: v for k, v in given.items() if not (k in _TOY_ONLY and v is None)}
     try:
-        return RunConfig(**{k: v for k, v in vars(args).items() if k in fields})
+        return RunConfig(**given)
     except (ValueError, TypeError) as error:
         raise _UsageError(str(error)) from None
 
@@ -362,7 +436,8 @@ def _add_reflow(sub) -> None:
 
     p = sub.add_parser(
         "reflow",
-        help="rectified flow's reflow: solve a run's flow for (x0, x1) pairs, train a new run on them",
+        formatter_class=_HELP_FORMAT,
+        help=COMMAND_HELP["reflow"],
     )
     p.add_argument("run_dir", help="the teacher: a directory written by fmjax train (or fmjax reflow)")
     p.add_argument("--out", required=True, help="the new run's directory (its pairs go to OUT/pairs.npz)")
@@ -393,6 +468,7 @@ def _add_reflow(sub) -> None:
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--no-eval", action="store_true", help="train only; the same command again evaluates")
     p.set_defaults(pipeline=True, wandb=None)
 
 
@@ -416,27 +492,50 @@ def _cmd_reflow(args) -> int:
     return _train_and_evaluate(args, config, args.out, [], initial_state=initial)
 
 
+class _BarLoss:
+    """A logger of ``runs.train`` that shows the latest logged loss in the progress bar."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def scalars(self, values: dict, step: int) -> None:
+        if "train/loss" in values:
+            self.bar.set_postfix(loss=f"{values['train/loss']:.4g}", refresh=False)
+
+
 def _train_and_evaluate(args, config, run_dir: str, loggers: list, initial_state=None) -> int:
     import jax
     from tqdm import tqdm
 
     from fmjax import runs
 
-    bar = tqdm(total=config.steps, desc="train", unit="step", disable=args.no_progress, dynamic_ncols=True)
+    for note in config.warnings():
+        _warn(_name_flags(note, "train"))
+    bar = tqdm(
+        total=config.steps, desc="compiling", unit="step", disable=args.no_progress, dynamic_ncols=True
+    )
+    started = {"yet": False}
+
+    def progress(n: int) -> None:
+        if not started["yet"]:  # the first chunk came back: compiled
+            started["yet"] = True
+            bar.set_description("train")
+        bar.update(n)
+
     start = time.perf_counter()
     _interrupts.defer = True
     try:
         run = runs.train(
             config,
             run_dir,
-            progress=bar.update,
+            progress=progress,
             log=lambda message: bar.write(_name_flags(message, "train")),
             data_dir=args.data_dir,
             devices=args.devices,
             pipeline=args.pipeline,
             stop=_interrupts.requested,
             tensorboard=args.tensorboard,
-            loggers=loggers,
+            loggers=[*loggers, _BarLoss(bar)],
             initial_state=initial_state,
         )
     except runs.TrainingInterrupted as stopped:
@@ -454,48 +553,80 @@ def _train_and_evaluate(args, config, run_dir: str, loggers: list, initial_state
         return _interrupted(f"interrupted after training {steps} steps (saved); rerun to evaluate")
     if jax.process_index() != 0:  # process 0 evaluates and reports
         return 0
-    in_evaluation = "interrupted during the evaluation; training is complete: rerun the command to evaluate"
-    try:
-        summary = runs.evaluate(
-            run, run_dir, plots=not args.no_plots, data_dir=args.data_dir, tensorboard=args.tensorboard,
-            loggers=loggers,
-        )  # fmt: skip
-    except KeyboardInterrupt:
-        return _interrupted(in_evaluation)
-    if _interrupts.requested():
-        return _interrupted(in_evaluation)
     print(f"run directory: {run_dir}")
-    print(f"trained {config.steps} steps in {train_time:.1f} s")
+    if run.trained_steps:
+        resumed = config.steps - run.trained_steps
+        since = f" (resumed at step {resumed})" if resumed else ""
+        print(f"trained {run.trained_steps} steps in {train_time:.1f} s{since}")
+    else:
+        print(f"already trained ({config.steps} steps): nothing to train")
+    if args.no_eval:
+        print("evaluation skipped (--no-eval); the same command without --no-eval evaluates")
+        return 0
+    summary = None if run.trained_steps else _current_summary(run_dir, config.steps)
+    if summary is not None:
+        print(f"evaluation of step {config.steps}, from {os.path.join(run_dir, runs.SUMMARY_FILE)}:")
+    else:
+        in_evaluation = (
+            "interrupted during the evaluation; training is complete: rerun the command to evaluate"
+        )
+        try:
+            summary = runs.evaluate(
+                run, run_dir, plots=not args.no_plots, data_dir=args.data_dir, tensorboard=args.tensorboard,
+                loggers=loggers, log=_say,
+            )  # fmt: skip
+        except KeyboardInterrupt:
+            return _interrupted(in_evaluation)
+        if _interrupts.requested():
+            return _interrupted(in_evaluation)
+    _print_summary(config, summary, run_dir)
+    return 0
+
+
+def _current_summary(run_dir: str, steps: int) -> dict | None:
+    """The run's ``summary.json`` if it evaluates its final step, else None (evaluate again)."""
+    import json
+
+    from fmjax import runs
+
+    try:
+        with open(os.path.join(run_dir, runs.SUMMARY_FILE)) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("step") == steps else None
+
+
+def _print_summary(config, summary: dict, run_dir: str) -> None:
     if config.dataset is not None:
         print(
             f"samples: {os.path.join(run_dir, 'samples.png')} (NFE = {summary['nfe']}); "
             f"bits/dim = {summary['bits_per_dim']:.3f} +- {summary['bits_per_dim_stderr']:.3f} on "
             f"{summary['n']} test images (Hutchinson, 4 probes; fmjax nll for the exact value)"
         )
-        few = ", ".join(f"{steps}: {fd:.4f}" for steps, fd in summary["fd_euler_steps"].items())
-        print(
-            f"pixel Fréchet distance to {summary['fd_test_images']} test images after few Euler steps ({few})"
-        )
-        return 0
+        if "fd_euler_steps" in summary:
+            few = ", ".join(f"{steps}: {fd:.4f}" for steps, fd in summary["fd_euler_steps"].items())
+            images = summary["fd_test_images"]
+            print(f"pixel Fréchet distance to {images} test images after few Euler steps ({few})")
+        return
     print(
         f"W2 = {summary['w2']:.4f} ({summary['solver']}, NFE = {summary['nfe']}); "
         f"W2 = {summary['w2_euler100']:.4f} (euler, NFE = 100); NPE = {summary['npe']:.3f}; "
         f"target sample floor W2 = {summary['w2_target_floor']:.4f}"
     )
-    few = ", ".join(f"{steps}: {w2:.4f}" for steps, w2 in summary["w2_euler_steps"].items())
-    print(f"W2 after few Euler steps ({few})")
+    if "w2_euler_steps" in summary:
+        few = ", ".join(f"{steps}: {w2:.4f}" for steps, w2 in summary["w2_euler_steps"].items())
+        print(f"W2 after few Euler steps ({few})")
     if config.conditional:
         per_class = ", ".join(f"{w:.3f}" for w in summary["w2_per_class"])
         classes = f"0 .. {config.num_classes - 1}"
         print(f"conditional on the target's labels; W2 per class ({classes}): {per_class}")
-    return 0
 
 
-def _add_run_commands(sub) -> None:
-    from fmjax.likelihood import DIVERGENCES, PROBES
+def _add_sample(sub) -> None:
     from fmjax.sampling import SOLVERS
 
-    p = sub.add_parser("sample", help="sample a trained run: a PNG of the samples, NFE and W2")
+    p = sub.add_parser("sample", help=COMMAND_HELP["sample"], formatter_class=_HELP_FORMAT)
     p.add_argument("run_dir", help="a directory written by fmjax train")
     p.add_argument("--n", type=int, default=2000, help="number of samples")
     p.add_argument("--solver", default="dopri5", help=f"one of {', '.join(SOLVERS)}")
@@ -519,14 +650,20 @@ def _add_run_commands(sub) -> None:
         "--out", default=None, help="PNG to write (default: RUN_DIR/samples-<solver>-<n>[-class-K][-wW].png)"
     )
 
-    p = sub.add_parser("nll", help="negative log-likelihood of fresh target points under a trained run")
+
+def _add_nll(sub) -> None:
+    from fmjax.likelihood import DIVERGENCES, PROBES
+    from fmjax.sampling import SOLVERS
+
+    p = sub.add_parser("nll", help=COMMAND_HELP["nll"], formatter_class=_HELP_FORMAT)
     p.add_argument("run_dir", help="a directory written by fmjax train")
     p.add_argument("--n", type=int, default=1000, help="number of target points")
     p.add_argument("--divergence", default="exact", help=f"one of {', '.join(DIVERGENCES)}")
     p.add_argument("--num-probes", type=int, default=1, help="Hutchinson probes")
     p.add_argument("--probe", default="rademacher", help=f"Hutchinson probe, one of {', '.join(PROBES)}")
     p.add_argument("--data-dir", default=None, help="tfds data directory of an image run")
-    p.add_argument("--solver", default="dopri5", help=f"adaptive solver, one of {', '.join(SOLVERS)}")
+    adaptive = ", ".join(name for name, spec in SOLVERS.items() if spec.adaptive)
+    p.add_argument("--solver", default="dopri5", help=f"adaptive solver, one of {adaptive}")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -590,6 +727,7 @@ def _cmd_sample(args) -> int:
     if config.dataset is not None:
         from fmjax import image_runs
 
+        _say(f"sampling {args.n} images ({what})")
         try:
             images, nfe = image_runs.generate_images(
                 run, n=args.n, solver=args.solver, steps=args.steps, seed=args.seed, label=args.label,
@@ -609,6 +747,7 @@ def _cmd_sample(args) -> int:
         panels = []
         try:
             for k in range(config.num_classes):
+                _say(f"sampling {args.n} points of class {k} ({what})")
                 x1, nfe, w2 = runs.generate(
                     run, n=args.n, solver=args.solver, steps=args.steps, seed=args.seed, label=k,
                     guidance=args.guidance,
@@ -624,6 +763,7 @@ def _cmd_sample(args) -> int:
         for k, (_, _, title) in enumerate(panels):
             print(f"{title} ({args.n} samples, {what})" if k == 0 else title)
         return 0
+    _say(f"sampling {args.n} points ({what})")
     try:
         x1, nfe, w2 = runs.generate(
             run, n=args.n, solver=args.solver, steps=args.steps, seed=args.seed, label=args.label,
@@ -631,14 +771,25 @@ def _cmd_sample(args) -> int:
         )  # fmt: skip
     except (ValueError, TypeError) as error:
         raise _UsageError(str(error)) from None
-    key = jax.random.PRNGKey(args.seed + 1)
-    if args.label is not None:
-        target = runs.class_points(config.target, key, args.label, args.n)
-    else:
-        target = np.asarray(toy_sample(config.target, key, args.n))
-    plotting.samples(out, x1, target, title=f"{what}: W2 = {w2:.3f}, NFE = {nfe}")
+
+    def targets(seed: int) -> np.ndarray:
+        key = jax.random.PRNGKey(seed)
+        if args.label is not None:
+            return runs.class_points(config.target, key, args.label, args.n)
+        return np.asarray(toy_sample(config.target, key, args.n))
+
+    from fmjax.metrics import wasserstein2
+
+    target = targets(args.seed + 1)
+    floor = wasserstein2(target, targets(args.seed + 2))  # what two target samples of this size are apart
+    name = config.target + ("" if args.label is None else f", class {args.label}")
+    title = f"{name}: {args.n} samples, {what}, NFE = {nfe}; W2 = {w2:.3f} (target floor {floor:.3f})"
+    plotting.samples(out, x1, target, title=title)
     print(f"wrote {out}")
-    print(f"NFE = {nfe}; W2 = {w2:.4f} ({args.n} samples, {what})")
+    print(
+        f"NFE = {nfe}; W2 = {w2:.4f} ({args.n} samples, {what}); target sample floor W2 = {floor:.4f} "
+        f"(two target samples of {args.n})"
+    )
     return 0
 
 
@@ -650,6 +801,8 @@ def _cmd_nll(args) -> int:
         adaptive = ", ".join(name for name, solver in SOLVERS.items() if solver.adaptive)
         raise _UsageError(f"--solver must be adaptive ({adaptive}); got {args.solver!r}")
     run = _load(args.run_dir)
+    what = "images" if run.config.dataset is not None else "target points"
+    _say(f"integrating the log-likelihood of {args.n} {what} ({args.divergence} divergence, {args.solver})")
     if run.config.dataset is not None:
         from fmjax import image_runs
 
@@ -700,6 +853,14 @@ def _report_nll(run_dir: str, result: dict, message: str) -> int:
 COMMANDS = {"train": _cmd_train, "reflow": _cmd_reflow, "sample": _cmd_sample, "nll": _cmd_nll}
 
 
+def _command_in(argv: list[str]) -> str | None:
+    """The command named in ``argv`` (its first word that is not an option), if any."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word
+    return None
+
+
 def _drop_closed_loop_noise(unraisable: Any) -> None:
     """Drop the ``Event loop is closed`` errors left behind by an aborted checkpoint write.
 
@@ -722,10 +883,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     sys.unraisablehook = _drop_closed_loop_noise
     parser = _Parser(prog="fmjax", description="Flow matching in JAX.")
+    parser.add_argument(
+        "--version", action=_Version, help="print the versions and the OT solver in use, and exit"
+    )
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
-    _add_train(sub)
-    _add_reflow(sub)
-    _add_run_commands(sub)
+    # only the chosen command's options are built (they import jax and the rest): --help is quick
+    chosen = _command_in(sys.argv[1:] if argv is None else argv)
+    builders = {"train": _add_train, "reflow": _add_reflow, "sample": _add_sample, "nll": _add_nll}
+    for name, build in builders.items():
+        if name == chosen:
+            build(sub)
+        else:
+            sub.add_parser(name, help=COMMAND_HELP[name])
     in_main_thread = threading.current_thread() is threading.main_thread()
     if in_main_thread:
         if _interrupts.requested():  # while the console script loaded

@@ -200,7 +200,10 @@ class Coupling(abc.ABC):
     the input checks, the gather and the status (always converged unless the subclass reports one).
 
     ``scope`` says what a coupling sees when the batch is sharded over devices: "local" couples each
-    device's shard on its own, "global" couples the whole global batch.
+    device's shard on its own, "global" couples the whole global batch. Without a mesh (one device)
+    the two are the same. The factories default to "local", the choice that never adds communication
+    to a step a user builds; ``fmjax train`` (``RunConfig.coupling_scope``) defaults to "global", so
+    that a run on several devices or processes trains what it would on one.
     """
 
     scope: str = "local"

@@ -169,26 +169,33 @@ def few_step_frechet(config, velocity_fn, *, data_dir: str | None) -> dict[str, 
 
 
 def evaluate_images(
-    config, apply_fn, state, run_dir: str, *, data_dir: str | None, plots: bool, environment=None
+    config, apply_fn, state, run_dir: str, *, data_dir: str | None, plots: bool, environment=None, log=None
 ) -> dict[str, Any]:
     """Sample a grid of images (dopri5) and measure bits/dim on test images (Hutchinson, 4 probes).
 
     A conditional run's grid has a row per class and its bits/dim are of each image given its label.
+    ``log`` hears what each stage is doing.
     """
-    from fmjax.runs import run_velocity
+    from fmjax.runs import run_velocity, write_atomic
+
+    say = log or (lambda message: None)
 
     params = state.ema_params if config.eval_ema else state.params
     shape = image_shape(config)
     count = config.num_classes**2 if config.conditional else 64
     x0 = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(config.seed), 3), (count, *shape))
     velocity = run_velocity(config, apply_fn, params, labels=class_labels_for(config, count))
+    say(f"evaluating: sampling a grid of {count} images ({config.eval_solver})")
     result = sample(velocity, x0, solver=config.eval_solver)
     images = np.clip(np.asarray((result.x1 + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    n_bpd = min(config.eval_samples, 128)
+    say(f"evaluating: bits/dim of {n_bpd} test images (Hutchinson, 4 probes, {config.eval_solver})")
     bpd = image_bits_per_dim(
-        config, apply_fn, params, n=min(config.eval_samples, 128), divergence="hutchinson", num_probes=4,
+        config, apply_fn, params, n=n_bpd, divergence="hutchinson", num_probes=4,
         data_dir=data_dir,
     )  # fmt: skip
     summary = {"step": int(state.step), "nfe": int(result.nfe), "solver": config.eval_solver, **bpd}
+    say("evaluating: pixel Fréchet distance to test images after 1, 2, 4, 8 Euler steps")
     summary.update(
         few_step_frechet(
             config,
@@ -200,8 +207,7 @@ def evaluate_images(
         summary["conditional"] = True
     if environment:
         summary["environment"] = environment
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_atomic(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2))
     if plots:
         from fmjax import plotting
 

@@ -16,13 +16,28 @@ __all__ = ["samples", "samples_by_class", "trajectories", "loss_curve", "image_g
 
 
 def samples(filename: str, generated: np.ndarray, target: np.ndarray, *, title: str = "") -> None:
-    """Scatter generated 2D points over target points and save the figure as PNG."""
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.scatter(target[:, 0], target[:, 1], s=1, alpha=0.3, c="tab:gray", label="target")
-    ax.scatter(generated[:, 0], generated[:, 1], s=1, alpha=0.5, c="tab:blue", label="generated")
-    ax.set_aspect("equal")
-    ax.legend(loc="upper right", markerscale=8)
-    ax.set_title(title, fontsize=9)
+    """Generated and target 2D points side by side on the same axes, and both overlaid (target on top, as
+    outlines, so the generated points never hide it); saved as PNG. ``title`` says what was drawn."""
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.2), sharex=True, sharey=True)
+    panels = (("target", target, "tab:gray"), ("generated", generated, "tab:blue"))
+    for ax, (name, points, colour) in zip(axes, panels, strict=False):
+        ax.scatter(points[:, 0], points[:, 1], s=2, alpha=0.4, c=colour, linewidths=0)
+        ax.set_title(f"{name} ({len(points)} points)", fontsize=9)
+    overlay = axes[2]
+    overlay.scatter(
+        generated[:, 0], generated[:, 1], s=2, alpha=0.4, c="tab:blue", linewidths=0, label="generated"
+    )
+    overlay.scatter(
+        target[:, 0], target[:, 1], s=6, facecolors="none", edgecolors="black", linewidths=0.3, alpha=0.5,
+        label="target",
+    )  # fmt: skip
+    overlay.set_title("overlaid", fontsize=9)
+    overlay.legend(loc="upper right", markerscale=3, fontsize=7)
+    for ax in axes:
+        ax.set_aspect("equal")
+        ax.set_xlabel("$x_1$")
+    axes[0].set_ylabel("$x_2$")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(filename, dpi=120)
     plt.close(fig)
@@ -51,35 +66,46 @@ def samples_by_class(filename: str, panels: list, *, title: str = "") -> None:
     plt.close(fig)
 
 
-def trajectories(filename: str, trajectory: Trajectory, *, count: int = 300) -> None:
-    """Plot the paths of ``count`` 2D points from t=0 (black) to t=1 (blue) and save as PNG."""
+def trajectories(filename: str, trajectory: Trajectory, *, count: int = 300, title: str = "") -> None:
+    """Plot the paths of ``count`` 2D points through every saved time (a line per point, from t=0 in black
+    to t=1 in blue) and save as PNG; ``title`` says how they were solved."""
     xs = np.asarray(trajectory.xs)[:, :count]
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot(xs[:, :, 0], xs[:, :, 1], c="olive", alpha=0.2, lw=0.5)
-    ax.scatter(xs[0, :, 0], xs[0, :, 1], s=2, c="black", label="t = 0")
-    ax.scatter(xs[-1, :, 0], xs[-1, :, 1], s=2, c="tab:blue", label="t = 1")
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    ax.plot(xs[:, :, 0], xs[:, :, 1], c="olive", alpha=0.25, lw=0.5)
+    ax.scatter(xs[0, :, 0], xs[0, :, 1], s=3, c="black", label="t = 0 (source)")
+    ax.scatter(xs[-1, :, 0], xs[-1, :, 1], s=3, c="tab:blue", label="t = 1 (generated)")
     ax.set_aspect("equal")
-    ax.legend(loc="upper right", markerscale=4)
+    ax.set_xlabel("$x_1$")
+    ax.set_ylabel("$x_2$")
+    ax.legend(loc="upper right", markerscale=3, fontsize=8)
+    ax.set_title(title or f"{xs.shape[1]} trajectories, {xs.shape[0]} saved times", fontsize=9)
     fig.tight_layout()
     fig.savefig(filename, dpi=120)
     plt.close(fig)
 
 
-def loss_curve(filename: str, metrics_file: str) -> None:
-    """Plot the training loss recorded in a run's metrics.jsonl and save as PNG."""
+def loss_curve(filename: str, metrics_file: str, *, title: str = "") -> None:
+    """Plot the training loss recorded in a run's metrics.jsonl (one point per logged interval: the mean
+    loss of its steps) and save as PNG. Lines that are not training records (cut short, garbled, events)
+    are skipped."""
     steps, losses = [], []
     with open(metrics_file) as f:
         for line in f:
-            record = json.loads(line)
-            if "loss" in record:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "event" not in record and "loss" in record and "step" in record:
                 steps.append(record["step"])
                 losses.append(record["loss"])
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, losses)
+    ax.plot(steps, losses, marker="." if len(steps) < 30 else None)
     ax.set_xlabel("step")
-    ax.set_ylabel("CFM loss")
-    ax.set_yscale("log")
+    ax.set_ylabel("loss (mean over each logged interval)")
+    if losses and min(losses) > 0:
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
+    ax.set_title(title or "training loss", fontsize=9)
     fig.tight_layout()
     fig.savefig(filename, dpi=120)
     plt.close(fig)

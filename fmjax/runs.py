@@ -41,6 +41,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fmjax._checks import check_choice, check_int, check_real
+from fmjax._time import TIME_SAMPLERS
 from fmjax.checkpoint import Checkpointer
 from fmjax.couplings import COUPLINGS, SCOPES, independent, make_coupling
 from fmjax.data.tfds_sources import DATASETS
@@ -130,18 +131,24 @@ class RunConfig:
     cond_dropout: float = 0.0
     by_label: bool = False
     pairs: str | None = None
+    time_sampler: str = "uniform"
 
     def __post_init__(self):
         if self.dataset is not None:
             check_choice("dataset", self.dataset, DATASETS)
+            # the 2D fields mean nothing to an image run (noise -> images, a UNet): not recorded
+            for name in ("source", "target", "depth", "activation"):
+                object.__setattr__(self, name, None)
+        check_choice("time_sampler", self.time_sampler, TIME_SAMPLERS)
         if self.path is None:
             object.__setattr__(self, "path", "linear" if self.dataset is None else "condot")
-        check_choice("source", self.source, TOY_SAMPLERS)
-        check_choice("target", self.target, TOY_SAMPLERS)
+        if self.dataset is None:
+            check_choice("source", self.source, TOY_SAMPLERS)
+            check_choice("target", self.target, TOY_SAMPLERS)
+            check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("path", self.path, PATHS)
         check_choice("coupling", self.coupling, COUPLINGS)
         check_choice("coupling_scope", self.coupling_scope, SCOPES)
-        check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("eval_solver", self.eval_solver, SOLVERS)
         check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
         check_choice("precision", self.precision, PRECISIONS)
@@ -154,7 +161,7 @@ class RunConfig:
             "steps",
             "batch_size",
             "width",
-            "depth",
+            *(("depth",) if self.dataset is None else ()),
             "eval_samples",
             "log_every",
             "checkpoint_every",
@@ -215,6 +222,17 @@ class RunConfig:
         """The null condition of a conditional run (the null class id), else None."""
         return None if self.num_classes is None else jnp.int32(self.num_classes)
 
+    def warnings(self) -> list[str]:
+        """What in this configuration is allowed but probably not meant, in words (one line each)."""
+        notes = []
+        if self.path == "condot" and self.sigma and self.dataset is None and self.source != "gaussian":
+            notes.append(
+                f"path condot ends at x1 + sigma_min x0, which assumes a N(0, I) source; from {self.source} "
+                f"(spread far beyond 1) it learns the target blurred by {self.sigma} x0: use --path linear, "
+                "or --source gaussian"
+            )
+        return notes
+
     def make_coupling(self):
         """The coupling; SB-CFM's entropic coupling takes the path's sigma.
 
@@ -244,6 +262,7 @@ class RunConfig:
             log_grad_norm=True,
             check_finite=True,
             skip_nonfinite=self.on_nonfinite == "skip",
+            time_sampler=self.time_sampler,
             cond_dropout=self.cond_dropout,
             null_cond=self.null_cond() if self.cond_dropout > 0 else None,
             mesh=mesh,
@@ -277,6 +296,7 @@ class Run:
     optimizer: optax.GradientTransformation
     state: TrainState
     environment: dict[str, Any] | None = None  # devices it trained on, set by ``train``
+    trained_steps: int = 0  # steps the last ``train`` call ran (0 when it found the run complete)
 
     @classmethod
     def build(cls, config: RunConfig) -> Run:
@@ -375,7 +395,7 @@ def resume_metrics(metrics_path: str, done: int, log: Callable[[str], Any] | Non
                     f"{metrics_path}: line(s) {numbers} are not metrics records{cut}; moved to "
                     f"{os.path.basename(metrics_path)}.corrupt"
                 )
-        _write_atomic(metrics_path, "".join(line + "\n" for line in kept))
+        write_atomic(metrics_path, "".join(line + "\n" for line in kept))
 
 
 def append_record(path: str, record: dict[str, Any]) -> None:
@@ -444,7 +464,7 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         f.write(text)
@@ -577,7 +597,7 @@ def _take_run_dir(config: RunConfig, run_dir: str, environment: dict, say: Calla
                     f"that saved no checkpoint; starting again with this one (kept: {names})"
                 )
         if not os.path.exists(config_path):
-            _write_atomic(config_path, json.dumps({**config.to_json(), "environment": environment}, indent=2))
+            write_atomic(config_path, json.dumps({**config.to_json(), "environment": environment}, indent=2))
     except BaseException:
         lock.release()
         if created:
@@ -674,14 +694,35 @@ def make_mesh(devices: int | None = None) -> Mesh | None:
     return Mesh(np.array(available[:devices]), ("data",))
 
 
+VERSIONED = ("fmjax", "jax", "jaxlib", "flax", "optax", "diffrax", "ott-jax", "orbax-checkpoint")
+
+
+def versions() -> dict[str, str]:
+    """The installed versions of fmjax and the libraries a run's results depend on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in VERSIONED:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
 def environment(mesh: Mesh | None) -> dict[str, Any]:
-    """What the run trains on: device count, kind and platform, process count."""
+    """What the run trains on: device count, kind and platform, process count, the exact coupling's host
+    solver and the versions of the libraries (``versions``)."""
+    from fmjax._assignment import SOLVER_NAME
+
     devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
     return {
         "devices": len(devices),
         "device_kind": devices[0].device_kind,
         "platform": devices[0].platform,
         "processes": jax.process_count(),
+        "assignment_solver": SOLVER_NAME,
+        "versions": versions(),
     }
 
 
@@ -914,7 +955,7 @@ def train(
         raise failure
     try:
         sinks = (tensorboard, tuple(loggers))
-        state = _train_loop(
+        state, start = _train_loop(
             config, run_dir, run, mesh, data, say, progress, pipeline, solver_threads, stop, sinks
         )
     finally:
@@ -924,6 +965,7 @@ def train(
         state = jax.tree.map(lambda a: jnp.asarray(a.addressable_data(0)), state)
     run.state = state
     run.environment = env
+    run.trained_steps = config.steps - start
     return run
 
 
@@ -964,7 +1006,8 @@ def log_to_sinks(sinks: Sequence[Any], prefix: str, record: dict[str, Any], step
 
 
 def _train_loop(config, run_dir, run, mesh, source, say, progress, pipeline, solver_threads, stop, sinks):
-    """The training loop of ``train`` in a locked, checked run directory; returns the final state."""
+    """The training loop of ``train`` in a locked, checked run directory; returns the final state and the
+    step it started from."""
     from fmjax._pipeline import HostPairs, Prefetcher
 
     writer = jax.process_index() == 0
@@ -1030,6 +1073,13 @@ def _train_loop(config, run_dir, run, mesh, source, say, progress, pipeline, sol
 
     metrics_path = os.path.join(run_dir, METRICS_FILE)
     solver = HostPairs(coupling, threads=solver_threads) if host_solved else None
+    from fmjax._assignment import HAVE_NATIVE
+
+    if config.coupling == "exact" and not HAVE_NATIVE and writer:
+        say(
+            "the exact coupling is solved by POT: fmjax's C solver was not built (no C compiler at install), "
+            "which is 3-6x slower; reinstall with a C compiler to build it"
+        )
     with contextlib.ExitStack() as stack:
         ckpt = stack.enter_context(
             Checkpointer(os.path.join(run_dir, CHECKPOINT_DIR), max_to_keep=config.keep_checkpoints)
@@ -1040,6 +1090,7 @@ def _train_loop(config, run_dir, run, mesh, source, say, progress, pipeline, sol
         for bad, reason in skipped:
             say(f"checkpoint {bad} is unreadable ({reason}); set aside as {bad}.corrupt")
         done = 0 if resumed is None else int(state.step)
+        start_step = done
         saved = done  # the newest step known to be saved (or the start)
         if writer:
             resume_metrics(metrics_path, done, say)
@@ -1110,7 +1161,7 @@ def _train_loop(config, run_dir, run, mesh, source, say, progress, pipeline, sol
             if progress is not None:
                 progress(n)
         ckpt.wait()
-    return state
+    return state, start_step
 
 
 def _holds_its_step(state: TrainState, step: int) -> str | None:
@@ -1221,6 +1272,7 @@ def evaluate(
     data_dir: str | None = None,
     tensorboard: bool = False,
     loggers: Sequence[Any] = (),
+    log: Callable[[str], Any] | None = None,
 ) -> dict[str, Any]:
     """Sample from the trained model and measure it against fresh target samples.
 
@@ -1231,16 +1283,18 @@ def evaluate(
     Fréchet distance to test images, see ``fmjax.image_runs.evaluate_images``). ``w2_target_floor`` is the W2
     between two independent target samples of the same size: no model can be expected to go below it.
     The summary's real scalars also go to ``run_dir/tensorboard`` (``tensorboard``) and ``loggers`` as
-    ``eval/<name>`` at the run's step.
+    ``eval/<name>`` at the run's step. ``log`` hears what each stage is doing (a line before each).
     """
-    summary = _evaluate(run, run_dir, plots=plots, data_dir=data_dir)
+    summary = _evaluate(run, run_dir, plots=plots, data_dir=data_dir, say=log or (lambda message: None))
     with contextlib.ExitStack() as stack:
         sinks = _metric_sinks(stack, os.fspath(run_dir), (tensorboard, tuple(loggers)), None)
         log_to_sinks(sinks, "eval", summary, summary["step"])
     return summary
 
 
-def _evaluate(run: Run, run_dir, *, plots: bool, data_dir: str | None) -> dict[str, Any]:
+def _evaluate(
+    run: Run, run_dir, *, plots: bool, data_dir: str | None, say: Callable[[str], Any]
+) -> dict[str, Any]:
     config = run.config
     check_finite_params(run)
     if config.dataset is not None:
@@ -1248,7 +1302,7 @@ def _evaluate(run: Run, run_dir, *, plots: bool, data_dir: str | None) -> dict[s
 
         summary = image_runs.evaluate_images(
             config, run.apply_fn, run.state, os.fspath(run_dir), data_dir=data_dir, plots=plots,
-            environment=run.environment,
+            environment=run.environment, log=say,
         )  # fmt: skip
         append_record(os.path.join(os.fspath(run_dir), METRICS_FILE), {"event": "eval", **summary})
         return summary
@@ -1263,8 +1317,12 @@ def _evaluate(run: Run, run_dir, *, plots: bool, data_dir: str | None) -> dict[s
     params = run.state.ema_params if config.eval_ema else run.state.params
     velocity = run_velocity(config, run.apply_fn, params, labels=labels)
 
+    say(f"evaluating: sampling {config.eval_samples} points ({config.eval_solver}, then 100 Euler steps)")
     adaptive = sample(velocity, x0, solver=config.eval_solver)
     euler = sample(velocity, x0, solver="euler", steps=100, save_trajectory=True)
+    say(
+        f"evaluating: exact W2 to {config.eval_samples} target points (POT), and after 1, 2, 4, 8 Euler steps"
+    )
     w2 = wasserstein2(adaptive.x1, x1_true)
     w2_euler = wasserstein2(euler.x1, x1_true)
     w2_source = wasserstein2(x0, x1_true)
@@ -1291,19 +1349,31 @@ def _evaluate(run: Run, run_dir, *, plots: bool, data_dir: str | None) -> dict[s
         **({"environment": run.environment} if run.environment else {}),
     }
     run_dir = os.fspath(run_dir)
-    _write_atomic(os.path.join(run_dir, SUMMARY_FILE), json.dumps(summary, indent=2))
+    write_atomic(os.path.join(run_dir, SUMMARY_FILE), json.dumps(summary, indent=2))
     append_record(os.path.join(run_dir, METRICS_FILE), {"event": "eval", **summary})
     if plots:
         from fmjax import plotting
 
+        say("evaluating: plots")
+        params_used = "EMA parameters" if config.eval_ema else "raw parameters"
         plotting.samples(
             os.path.join(run_dir, "samples.png"),
             np.asarray(adaptive.x1),
             np.asarray(x1_true),
-            title=f"{config.source} -> {config.target}: W2 = {w2:.3f}, NFE = {summary['nfe']}",
+            title=f"{config.source} -> {config.target}, step {summary['step']} ({params_used}): "
+            f"{config.eval_solver}, NFE = {summary['nfe']}, W2 = {w2:.3f} (floor {w2_floor:.3f})",
         )
-        plotting.trajectories(os.path.join(run_dir, "trajectories.png"), euler.trajectory, count=300)
-        plotting.loss_curve(os.path.join(run_dir, "loss.png"), os.path.join(run_dir, METRICS_FILE))
+        plotting.trajectories(
+            os.path.join(run_dir, "trajectories.png"),
+            euler.trajectory,
+            count=300,
+            title=f"300 trajectories, 100 Euler steps ({params_used}); NPE = {summary['npe']:.3f}",
+        )
+        plotting.loss_curve(
+            os.path.join(run_dir, "loss.png"),
+            os.path.join(run_dir, METRICS_FILE),
+            title=f"training loss: path {config.path}, coupling {config.coupling}, batch {config.batch_size}",
+        )
     return summary
 
 

@@ -184,9 +184,18 @@ def test_rerunning_a_finished_run_keeps_its_records(tmp_path, capsys):
     assert main(args) == 0
     assert main(["nll", str(out), "--n", "50"]) == 0
     before = (out / "metrics.jsonl").read_text().splitlines()
-    assert main(args) == 0  # nothing left to train: evaluates again
+    capsys.readouterr()
+    assert main(args) == 0  # nothing left to train, and its evaluation is current: neither is redone
+    printed = capsys.readouterr().out
+    assert "already trained (200 steps): nothing to train" in printed and "trained 200 steps in" not in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert f"W2 = {summary['w2']:.4f}" in printed and "from " in printed
+    assert (out / "metrics.jsonl").read_text().splitlines() == before
+    (out / "summary.json").unlink()  # no current evaluation: the rerun evaluates
+    assert main(args) == 0
     after = (out / "metrics.jsonl").read_text().splitlines()
     assert after[: len(before)] == before and json.loads(after[-1])["event"] == "eval"
+    assert (out / "summary.json").is_file()
 
 
 def test_coupling_scope_reaches_the_coupling():

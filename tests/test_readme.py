@@ -27,3 +27,6 @@ def test_readme_python_blocks_run(capsys):
     assert namespace["state"].step == 201  # 200 in the training loop, 1 on the mesh
     assert namespace["fixed"].trajectory.xs.shape == (101, 256, 2)
     assert int(namespace["result"].nfe) > 0
+    lik, est = namespace["lik"], namespace["est"]  # exact and Hutchinson log-likelihoods of 256 points
+    standard_error = float((est.log_p_stderr**2).sum() ** 0.5 / 256)
+    assert abs(float(lik.log_p.mean() - est.log_p.mean())) < 4 * standard_error
