@@ -1,6 +1,10 @@
 """The OT-CFM papers' 2D table: W2 and normalized path energy of OT-CFM, I-CFM, SB-CFM and FM.
 
-Protocol (Tong et al., TMLR 2024, Table 2; rerun in [SF]^2M, AISTATS 2024): a 3x64 SELU MLP, AdamW
+Two protocols. ``--protocol tutorial`` (the default) trains on the TorchCFM tutorial's samplers, drawn
+fresh at every step; ``--protocol paper`` is the authors' runner (TorchCFM ``runner/``), described
+under "The paper protocol" below.
+
+Tutorial protocol (Tong et al., TMLR 2024, Table 2; rerun in [SF]^2M, AISTATS 2024): a 3x64 SELU MLP, AdamW
 (lr 1e-3, weight decay 1e-5), batch 512, 20k steps; W2 on 10k test points after 100 Euler steps of the
 raw (non-EMA) parameters; normalized path energy from the same Euler trajectories; 5 seeds, mean and
 standard deviation. OT-CFM, I-CFM and FM use sigma = 0.1 (FM: Lipman's CondOT path, sigma_min 0.1);
@@ -13,24 +17,62 @@ EMA parameters, the NFE of an adaptive dopri5 solve (rtol = atol = 1e-5) and the
 
 Each finished run is appended to ``<out>/two_dim_runs.jsonl``; running the command again skips the
 runs already there, so an interrupted sweep continues where it stopped.
+
+The paper protocol (``--protocol paper``), as TorchCFM's runner runs it (``scripts/two-dim-cfm.sh``:
+``experiment=cfm``, seeds 42-46; configs ``datamodule/{gaussians,moons,scurve,twodim}.yaml``, ``model/``
+``{cfm,otcfm,sbcfm,fm}.yaml``; ``src/datamodules/distribution_datamodule.py``, ``components/two_dim.py``,
+``models/cfm_module.py``, ``train.py``):
+
+- data: one fixed set of 10,000 + 1,000 + 1,000 points (train, validation, test) per task, split by
+  one permutation seeded 42 for every run. "gaussians" is torchdyn's ring: 8 Gaussians of 1,500 points
+  each at radius 5, std 1 (drawn anew for each seed); "moons" is scikit-learn's make_moons(noise=0.05,
+  random_state=42) scaled by 2 and shifted by -1 in x, and "scurve" make_s_curve(noise=0.05,
+  random_state=42)'s (x, z) scaled by 1.5 (both the same for every seed, as the runner's SKLearn
+  datamodule fixes random_state=42); moons -> 8gaussians is the DSB pair: make_moons(noise=0.1)
+  standardised to std 7 and 8 Gaussians of std 1.5 at radius 12 (seeded with the run seed; the runner
+  leaves them unseeded). The source of the other tasks is N(0, I), drawn per batch;
+- training: 1,000 epochs of the training set, shuffled every epoch, in batches of 512 (the last of each
+  epoch 272 points: 20 steps an epoch; moons -> 8gaussians drops the last incomplete batch: 19), AdamW
+  (lr 1e-3, weight decay 1e-5), a 3x64 SELU MLP ([SF]^2M: one for the flow and one for the score);
+- model selection: the runner tests the checkpoint with the lowest validation loss (the training loss
+  on the validation set, every 10 epochs), not the last one; we do the same and also report the last
+  raw parameters and their EMA (decay 0.999);
+- test: W2 between the 1,000 test points and the flow's push-forward of 1,000 N(0, I) points after 100
+  Euler steps (moons -> 8gaussians: the first test batch, 512 source points pushed and 512 target
+  points), and the same with dopri5 (rtol = atol = 1e-5); [SF]^2M also by its SDE (100
+  Euler-Maruyama steps of dx = (v + sigma^2/2 s) dt + sigma dW).
+
+    python -m experiments.two_dim --protocol paper      # writes experiments/results/two_dim_paper.{md,json}
+    python -m experiments.two_dim --protocol paper --quick --out /tmp/quick   # a small run, seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+import sklearn.datasets
 
+from fmjax.couplings import exact, independent, schrodinger_bridge
 from fmjax.data.toy import sample as toy_sample
+from fmjax.losses import cfm_loss, sf2m_loss, two_networks
 from fmjax.metrics import normalized_path_energy, path_energy, wasserstein2
+from fmjax.models import MLP, functional
+from fmjax.paths import CondOT, Linear, SchrodingerBridge
 from fmjax.runs import RunConfig, train
 from fmjax.sampling import as_velocity, sample
+from fmjax.sde import sample_sde, sf2m_drift, sf2m_velocity
+from fmjax.training import TrainState, make_train_step
 
 TASKS = {
     "N -> 8gaussians": ("gaussian", "8gaussians"),
@@ -177,23 +219,482 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------------------------
+# The paper protocol: TorchCFM's runner (see the module docstring)
+
+PAPER_SPLIT = (
+    10_000,
+    1_000,
+    1_000,
+)  # train_val_test_split of datamodule/{gaussians,moons,scurve,twodim}.yaml
+PAPER_SEEDS = (42, 43, 44, 45, 46)  # scripts/two-dim-cfm.sh: seed=42,43,44,45,46
+SPLIT_SEED = 42  # random_split(..., generator=torch.Generator().manual_seed(42)) for every run
+SKLEARN_SEED = 42  # SKLearnDataModule's seed: the configs leave it at 42, whatever the run's seed
+
+
+def runner_gaussians(n_per_component: int, seed: int) -> np.ndarray:
+    """torchdyn's ``generate_gaussians`` as the runner calls it: 8 Gaussians (std 1) on a circle of radius 5.
+
+    ``n_per_component`` points per component, in component order (the split shuffles them); component
+    k is centred at 5 (cos 2 pi (k + 1) / 8, sin 2 pi (k + 1) / 8), plus torchdyn's per-component
+    offset of 1e-4 N(0, I). torchdyn draws from torch's generator; we draw from numpy's, seeded.
+    """
+    rng = np.random.default_rng(seed)
+    parts = []
+    for k in range(8):
+        angle = 2 * math.pi * (k + 1) / 8
+        centre = 5.0 * np.array([math.cos(angle), math.sin(angle)])
+        points = centre + rng.standard_normal((n_per_component, 2))
+        parts.append(points + 1e-4 * rng.standard_normal(2))
+    return np.concatenate(parts).astype(np.float32)
+
+
+def runner_moons(n: int) -> np.ndarray:
+    """SKLearnDataModule's "moons": make_moons(n, noise=0.05, random_state=42), times 2, x shifted by -1."""
+    x, _ = sklearn.datasets.make_moons(n_samples=n, noise=0.05, random_state=SKLEARN_SEED)
+    x = 2 * x
+    x[:, 0] -= 1
+    return x.astype(np.float32)
+
+
+def runner_scurve(n: int) -> np.ndarray:
+    """SKLearnDataModule's "scurve": make_s_curve(n, noise=0.05, random_state=42)'s (x, z), times 1.5."""
+    x, _ = sklearn.datasets.make_s_curve(n_samples=n, noise=0.05, random_state=SKLEARN_SEED)
+    return (1.5 * x[:, [0, 2]]).astype(np.float32)
+
+
+def dsb_moon(n: int, seed: int) -> np.ndarray:
+    """``data_distrib(n, "moon", seed)``: make_moons(noise=0.1) standardised (one mean, one std) to std 7."""
+    x, _ = sklearn.datasets.make_moons(n_samples=n, noise=0.1, random_state=np.random.RandomState(seed))
+    return ((x - x.mean()) / x.std(ddof=1) * 7.0).astype(np.float32)  # torch's std is unbiased
+
+
+def dsb_8gaussians(n: int, seed: int) -> np.ndarray:
+    """``data_distrib(n, "8gaussians", seed)``: 8 Gaussians of std 0.5 at radius 4, all times 3.
+
+    The same draws in the same order as the DSB code (a normal pair, then a component, per point), so
+    a seed gives the runner's points exactly.
+    """
+    rng = np.random.RandomState(seed)
+    r = 1 / math.sqrt(2)
+    centres = 4.0 * np.array([(1, 0), (-1, 0), (0, 1), (0, -1), (r, r), (r, -r), (-r, r), (-r, -r)])
+    points = np.empty((n, 2))
+    for i in range(n):
+        points[i] = rng.randn(2) * 0.5
+        points[i] += centres[rng.randint(8)]
+    return (3.0 * points).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class PaperTask:
+    """One 2D task of the runner: how its source and target sets are drawn and batched.
+
+    ``source`` None means x0 ~ N(0, I), drawn per batch; ``paired_loaders`` is the runner's
+    TwoDimDataModule (moons -> 8gaussians): two shuffled loaders that drop their last incomplete
+    batch, no coupling in the validation loss, and a test on the first test batch.
+    """
+
+    name: str
+    target: str
+    source: str | None = None
+
+    @property
+    def paired_loaders(self) -> bool:
+        return self.source is not None
+
+
+PAPER_TASKS = {
+    "N -> 8gaussians": PaperTask("N -> 8gaussians", target="gaussians"),
+    "moons -> 8gaussians": PaperTask("moons -> 8gaussians", target="dsb_8gaussians", source="dsb_moon"),
+    "N -> moons": PaperTask("N -> moons", target="moons"),
+    "N -> scurve": PaperTask("N -> scurve", target="scurve"),
+}
+
+
+def _draw(system: str, n: int, seed: int) -> np.ndarray:
+    if system == "gaussians":
+        return runner_gaussians(n // 8, seed)
+    if system == "moons":
+        return runner_moons(n)
+    if system == "scurve":
+        return runner_scurve(n)
+    if system == "dsb_moon":
+        return dsb_moon(n, seed)
+    if system == "dsb_8gaussians":
+        return dsb_8gaussians(n, seed)
+    raise ValueError(f"unknown system {system!r}")
+
+
+def paper_data(task: str, seed: int, split: tuple[int, int, int] = PAPER_SPLIT) -> dict[str, tuple]:
+    """The runner's datamodule of ``task`` for one seed: {"train"|"val"|"test": (x0 or None, x1)}.
+
+    One draw of sum(split) points per distribution, cut by a permutation seeded ``SPLIT_SEED`` (the
+    same permutation for both sets of a paired task, as each random_split reseeds its generator).
+    """
+    spec = PAPER_TASKS[task]
+    n = sum(split)
+    order = np.random.default_rng(SPLIT_SEED).permutation(n)
+    bounds = np.cumsum((0, *split))
+    parts = [order[bounds[k] : bounds[k + 1]] for k in range(3)]
+    x1 = _draw(spec.target, n, seed)
+    x0 = _draw(spec.source, n, seed) if spec.source else None
+    return {
+        name: (None if x0 is None else x0[idx], x1[idx])
+        for name, idx in zip(("train", "val", "test"), parts, strict=True)
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedDataset:
+    """A fixed set read in batches, reshuffled every epoch, like a DataLoader(shuffle=True).
+
+    ``x0`` None draws the source batch from N(0, I); otherwise x0 and x1 are read through two
+    independent permutations (two loaders). ``drop_last`` drops an epoch's last incomplete batch. An
+    epoch's order and noise are a function of (seed, epoch) alone.
+    """
+
+    x1: np.ndarray
+    x0: np.ndarray | None
+    batch_size: int
+    drop_last: bool
+    seed: int
+
+    def steps_per_epoch(self) -> int:
+        n = len(self.x1)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The (x0, x1) batches of ``epoch``, float32 numpy arrays of shape [batch, 2]."""
+        rng = np.random.default_rng([self.seed, epoch])
+        n = len(self.x1)
+        order1 = rng.permutation(n)
+        order0 = rng.permutation(n) if self.x0 is not None else None
+        for k in range(self.steps_per_epoch()):
+            rows = slice(k * self.batch_size, (k + 1) * self.batch_size)
+            x1 = self.x1[order1[rows]]
+            if self.x0 is None:
+                x0 = rng.standard_normal(x1.shape, dtype=np.float32)
+            else:
+                x0 = self.x0[order0[rows]]
+            yield x0, x1
+
+
+PAPER_METHODS = {
+    "OT-CFM": {"path": lambda s: Linear(sigma=0.1), "coupling": lambda s: exact(), "loss": "cfm"},
+    "I-CFM": {"path": lambda s: Linear(sigma=0.1), "coupling": lambda s: independent(), "loss": "cfm"},
+    "SB-CFM": {
+        "path": lambda s: SchrodingerBridge(sigma=1.0),
+        "coupling": lambda s: schrodinger_bridge(1.0),
+        "loss": "cfm",
+    },
+    "FM": {"path": lambda s: CondOT(sigma_min=0.1), "coupling": lambda s: independent(), "loss": "cfm"},
+    "SF2M-Exact": {
+        "path": lambda s: SchrodingerBridge(sigma=s),
+        "coupling": lambda s: exact(),
+        "loss": "sf2m",
+    },
+    "SF2M-I": {
+        "path": lambda s: SchrodingerBridge(sigma=s),
+        "coupling": lambda s: independent(),
+        "loss": "sf2m",
+    },
+}
+PAPER_LABELS = {"SF2M-Exact": "[SF]²M-Exact", "SF2M-I": "[SF]²M-I"}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PaperSettings:
+    """Everything a paper-protocol run depends on besides (task, method, seed)."""
+
+    epochs: int = 1000
+    batch_size: int = 512
+    split: tuple[int, int, int] = PAPER_SPLIT
+    val_every: int = 10
+    sf2m_sigma: float = 0.1
+    euler_steps: int = 100
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-5
+    width: int = 64
+    depth: int = 3
+
+    def key(self) -> dict:
+        return {**dataclasses.asdict(self), "split": list(self.split)}
+
+
+# 8 batches an epoch, 2 validation batches: every batch has one shape, so each function compiles once
+QUICK = PaperSettings(epochs=20, batch_size=256, split=(2_048, 512, 512), val_every=5)
+
+
+def _batches(
+    x0: np.ndarray | None, x1: np.ndarray, batch_size: int, drop_last: bool, rng: np.random.Generator
+):
+    """The validation set in order, in batches (N(0, I) sources from ``rng``)."""
+    n = len(x1)
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        b1 = x1[start : start + batch_size]
+        b0 = rng.standard_normal(b1.shape, dtype=np.float32) if x0 is None else x0[start : start + batch_size]
+        yield b0, b1
+
+
+_APPLY_FNS: dict[tuple, object] = {}
+
+
+def _model(settings: PaperSettings, loss: str, seed: int):
+    """(apply_fn, params): the 3x64 SELU MLP, or a flow MLP and a score MLP for [SF]²M.
+
+    One apply_fn per architecture, shared by the seeds, so that the solves compiled for one run's
+    parameters are reused by the next (diffrax caches them on the vector field's identity).
+    """
+
+    def mlp(s):
+        return functional(MLP(dim=2, width=settings.width, depth=settings.depth, activation="selu", seed=s))
+
+    flow_fn, flow_params = mlp(seed)
+    flow_fn = _APPLY_FNS.setdefault(("flow", settings.width, settings.depth), flow_fn)
+    if loss == "cfm":
+        return flow_fn, flow_params
+    score_fn, score_params = mlp(seed + 10_000)
+    score_fn = _APPLY_FNS.setdefault(("score", settings.width, settings.depth), score_fn)
+    joined = _APPLY_FNS.setdefault(("sf2m", settings.width, settings.depth), two_networks(flow_fn, score_fn))
+    return joined, {"flow": flow_params, "score": score_params}
+
+
+def _test_points(task: str, seed: int, data: dict, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(x0, x1) of the test: N(0, I) against the test set, or a paired task's first test batch."""
+    x0, x1 = data["test"]
+    if PAPER_TASKS[task].paired_loaders:
+        return x0[:batch_size], x1[:batch_size]
+    noise = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), 2), x1.shape, jnp.float32)
+    return np.asarray(noise), x1
+
+
+def paper_run(task: str, method: str, seed: int, settings: PaperSettings) -> dict:
+    """Train one (task, method, seed) of the paper protocol with fmjax's train step; evaluate it."""
+    spec = PAPER_TASKS[task]
+    config = PAPER_METHODS[method]
+    sigma = settings.sf2m_sigma
+    path, coupling, loss = config["path"](sigma), config["coupling"](sigma), config["loss"]
+    data = paper_data(task, seed, settings.split)
+    dataset = FixedDataset(
+        x1=data["train"][1],
+        x0=data["train"][0],
+        batch_size=settings.batch_size,
+        drop_last=spec.paired_loaders,
+        seed=seed,
+    )
+    apply_fn, params = _model(settings, loss, seed)
+    optimizer = optax.adamw(settings.learning_rate, weight_decay=settings.weight_decay)
+    step = make_train_step(apply_fn, optimizer, path=path, coupling=coupling, loss=loss)
+    state = TrainState.create(params=params, optimizer=optimizer, key=jax.random.PRNGKey(seed))
+
+    # the runner's validation loss: its training loss on the validation set; a paired task's runs
+    # without the coupling (preprocess_batch couples trajectories only when training)
+    loss_fn = sf2m_loss if loss == "sf2m" else cfm_loss
+    val_coupling = independent() if spec.paired_loaders else coupling
+    val_loss = jax.jit(
+        lambda p, key, x0, x1: loss_fn(apply_fn, p, key, x0, x1, path=path, coupling=val_coupling)[0]
+    )
+    best = {"loss": math.inf, "params": None, "epoch": 0}
+    start = time.perf_counter()
+    for epoch in range(settings.epochs):
+        for x0, x1 in dataset.epoch(epoch):
+            state, _ = step(state, x0, x1)
+        if (epoch + 1) % settings.val_every == 0:
+            rng = np.random.default_rng([seed, epoch, 1])
+            total, count = 0.0, 0
+            for k, (x0, x1) in enumerate(
+                _batches(*data["val"], settings.batch_size, spec.paired_loaders, rng)
+            ):
+                key = jax.random.fold_in(jax.random.PRNGKey(seed + 1), epoch * 100 + k)
+                total += float(val_loss(state.params, key, x0, x1)) * len(x1)
+                count += len(x1)
+            if total / count < best["loss"]:  # ModelCheckpoint(monitor="val/loss", mode="min")
+                best = {"loss": total / count, "params": jax.device_get(state.params), "epoch": epoch + 1}
+    jax.block_until_ready(state.params)
+    train_seconds = time.perf_counter() - start
+
+    x0, x1 = _test_points(task, seed, data, settings.batch_size)
+    record = {
+        "task": task,
+        "method": method,
+        "seed": seed,
+        **settings.key(),
+        "steps": settings.epochs * dataset.steps_per_epoch(),
+        "best_epoch": best["epoch"],
+        "best_val_loss": best["loss"],
+        "test_points": len(x1),
+        "w2_source": wasserstein2(x0, x1),
+    }
+    flow = (lambda p: sf2m_velocity(apply_fn, p)) if loss == "sf2m" else (lambda p: as_velocity(apply_fn, p))
+    for which, p in (("best", best["params"]), ("last", state.params), ("ema", state.ema_params)):
+        euler = sample(
+            flow(p), x0, solver="euler", steps=settings.euler_steps, save_trajectory=which == "best"
+        )
+        record[f"w2_{which}"] = wasserstein2(euler.x1, x1)
+        if which == "best":
+            energy = float(path_energy(euler.trajectory))
+            record["npe_best"] = normalized_path_energy(energy, record["w2_source"])
+    dopri5 = sample(flow(best["params"]), x0, solver="dopri5", rtol=1e-5, atol=1e-5)
+    record["w2_dopri5"] = wasserstein2(dopri5.x1, x1)
+    record["nfe_dopri5"] = int(dopri5.nfe)
+    if loss == "sf2m":
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), 3)
+        for which, p in (("best", best["params"]), ("last", state.params)):
+            sde = sample_sde(sf2m_drift(apply_fn, p, sigma), sigma, x0, key=key, steps=settings.euler_steps)
+            record[f"w2_sde_{which}"] = wasserstein2(sde.x1, x1)
+    record["train_seconds"] = round(train_seconds, 2)
+    record["seconds"] = round(time.perf_counter() - start, 2)
+    return record
+
+
+def paper_applies(task: str, method: str) -> bool:
+    """FM needs a Gaussian source: no moons -> 8gaussians (as scripts/two-dim-cfm.sh)."""
+    return not (method == "FM" and PAPER_TASKS[task].paired_loaders)
+
+
+def w2_floor(task: str, seed: int, settings: PaperSettings) -> float:
+    """W2 between the test targets and as many training points: a perfect sampler's score, up to noise."""
+    data = paper_data(task, seed, settings.split)
+    _, x1 = _test_points(task, seed, data, settings.batch_size)
+    return wasserstein2(data["train"][1][: len(x1)], x1)
+
+
+def floor_table(records: list[dict], tasks, settings: PaperSettings) -> tuple[str, dict]:
+    """Markdown and values: each task's W2 floor over the seeds of the finished runs."""
+    floors = {}
+    lines = [
+        "| task | test points | W2 floor: test vs as many training points | seeds |",
+        "|---|---|---|---|",
+    ]
+    for task in tasks:
+        seeds = sorted({r["seed"] for r in records if r["task"] == task})
+        if not seeds:
+            continue
+        floors[task] = [w2_floor(task, seed, settings) for seed in seeds]
+        points = next(r["test_points"] for r in records if r["task"] == task)
+        lines.append(f"| {task} | {points} | {_cell(floors[task])} | {len(seeds)} |")
+    return "\n".join(lines) + "\n", floors
+
+
+def paper_table(records: list[dict], methods, tasks) -> str:
+    """Markdown: the selected (lowest validation loss) model's W2 beside the published figures."""
+    lines = [
+        "| method | task | seeds | W2 Euler, best val (ours) | published W2 (NPE) | NPE (ours) | W2 dopri5 "
+        "| NFE | W2 Euler, last raw | W2 Euler, last EMA | W2 SDE, best val | best epoch | s per run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method in methods:
+        for task in tasks:
+            label = PAPER_LABELS.get(method, method)
+            published = PUBLISHED.get(method, {}).get(task, "not quoted")
+            if not paper_applies(task, method):
+                lines.append(f"| {label} | {task} | — | needs a Gaussian source |" + " — |" * 9)
+                continue
+            done = [r for r in records if r["method"] == method and r["task"] == task]
+            if not done:
+                lines.append(f"| {label} | {task} | 0 | not run | {published} |" + " |" * 8)
+                continue
+            sde = _cell([r["w2_sde_best"] for r in done]) if "w2_sde_best" in done[0] else "—"
+            lines.append(
+                f"| {label} | {task} | {len(done)} | {_cell([r['w2_best'] for r in done])} | {published} "
+                f"| {_cell([r['npe_best'] for r in done])} | {_cell([r['w2_dopri5'] for r in done])} "
+                f"| {_cell([r['nfe_dopri5'] for r in done], 0)} | {_cell([r['w2_last'] for r in done])} "
+                f"| {_cell([r['w2_ema'] for r in done])} | {sde} "
+                f"| {_cell([r['best_epoch'] for r in done], 0)} | {_cell([r['seconds'] for r in done], 0)} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def paper_main(args, parser) -> list[dict]:
+    """``--protocol paper``: run what is missing from the log, write the table and the JSON summary."""
+    settings = QUICK if args.quick else PaperSettings()
+    if args.epochs is not None:
+        settings = dataclasses.replace(settings, epochs=args.epochs)
+    if args.batch_size is not None:
+        settings = dataclasses.replace(settings, batch_size=args.batch_size)
+    settings = dataclasses.replace(settings, sf2m_sigma=args.sf2m_sigma)
+    methods = _choose(
+        parser, "--methods", args.methods, PAPER_METHODS, "OT-CFM,SF2M-Exact" if args.quick else None
+    )
+    tasks = _choose(parser, "--tasks", args.tasks, PAPER_TASKS, "N -> moons" if args.quick else None)
+    seeds = PAPER_SEEDS[: args.seeds if args.seeds is not None else (1 if args.quick else len(PAPER_SEEDS))]
+
+    os.makedirs(args.out, exist_ok=True)
+    log_path = os.path.join(args.out, "two_dim_paper_runs.jsonl")
+    records = []
+    if os.path.exists(log_path):
+        with open(log_path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    key = settings.key()
+    mine = lambda r: all(r.get(k) == v for k, v in key.items())  # noqa: E731
+    # seeds outermost: a sweep stopped early leaves every cell with the same number of seeds
+    for seed in [] if args.report_only else seeds:
+        for method in methods:
+            for task in tasks:
+                if not paper_applies(task, method):
+                    continue
+                if any(
+                    mine(r) and (r["task"], r["method"], r["seed"]) == (task, method, seed) for r in records
+                ):
+                    continue
+                record = paper_run(task, method, seed, settings)
+                records.append(record)
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                print(json.dumps(record), flush=True)
+    done = [r for r in records if mine(r) and r["method"] in methods and r["task"] in tasks]
+    title = "Quick check of the paper protocol" if args.quick else "2D benchmark, the [SF]²M paper's protocol"
+    floors_md, floors = floor_table(done, tasks, settings)
+    text = f"# {title}\n\n" + paper_table(done, methods, tasks) + "\n" + floors_md
+    with open(os.path.join(args.out, "two_dim_paper.md"), "w") as f:
+        f.write(text + ("" if args.quick else PAPER_NOTES))
+    summary = {"settings": key, "seeds": list(seeds), "w2_floor": floors, "records": done}
+    with open(os.path.join(args.out, "two_dim_paper.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(text)
+    return done
+
+
+PAPER_NOTES = ""
+
+
+def _choose(parser, flag: str, value: str | None, known: dict, default: str | None) -> list[str]:
+    chosen = [c.strip() for c in (value or default or ",".join(known)).split(",")]
+    unknown = [c for c in chosen if c not in known]
+    if unknown:
+        parser.error(f"{flag}: unknown {unknown}; choose from {', '.join(known)}")
+    return chosen
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m experiments.two_dim", description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=20_000)
-    parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--eval-samples", type=int, default=10_000)
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument(
+        "--protocol",
+        choices=("tutorial", "paper"),
+        default="tutorial",
+        help="tutorial: fresh samples every step (two_dim.md); paper: TorchCFM's runner (two_dim_paper.md)",
+    )
+    parser.add_argument("--steps", type=int, default=20_000, help="tutorial protocol: training steps")
+    parser.add_argument("--epochs", type=int, default=None, help="paper protocol: epochs (default 1000)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 512 (paper --quick: 256)")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5)")
+    parser.add_argument("--eval-samples", type=int, default=10_000, help="tutorial protocol: test points")
+    parser.add_argument("--sf2m-sigma", type=float, default=0.1, help="paper protocol: [SF]²M's sigma")
+    parser.add_argument("--quick", action="store_true", help="paper protocol: a small run for the tests")
+    parser.add_argument("--methods", default=None)
+    parser.add_argument("--tasks", default=None)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--report-only", action="store_true", help="write the table from the log only")
     args = parser.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",")]
-    tasks = [t.strip() for t in args.tasks.split(",")]
-    for name, chosen, known in (("--methods", methods, METHODS), ("--tasks", tasks, TASKS)):
-        unknown = [c for c in chosen if c not in known]
-        if unknown:
-            parser.error(f"{name}: unknown {unknown}; choose from {', '.join(known)}")
+    if args.protocol == "paper":
+        return paper_main(args, parser)
+    if args.quick or args.epochs is not None:
+        parser.error("--quick and --epochs belong to --protocol paper")
+    methods = _choose(parser, "--methods", args.methods, METHODS, None)
+    tasks = _choose(parser, "--tasks", args.tasks, TASKS, None)
+    args.seeds = 5 if args.seeds is None else args.seeds
+    args.batch_size = 512 if args.batch_size is None else args.batch_size
 
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, "two_dim_runs.jsonl")

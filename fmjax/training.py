@@ -16,6 +16,21 @@ passed into the step and returned from it:
 >>> int(state.step), sorted(metrics)
 (1, ['coupling_converged', 'coupling_error', 'loss'])
 
+With ``loss="sf2m"`` the model returns a pair (flow, score) (``fmjax.losses.sf2m_loss``; two
+networks joined by ``fmjax.losses.two_networks``) and the metrics add each term's batch mean:
+
+>>> from fmjax.losses import two_networks
+>>> from fmjax.paths import SchrodingerBridge
+>>> flow_fn, flow_params = functional(MLP(dim=2, width=16, depth=2, seed=0))
+>>> score_fn, score_params = functional(MLP(dim=2, width=16, depth=2, seed=1))
+>>> params = {"flow": flow_params, "score": score_params}
+>>> state = TrainState.create(params=params, optimizer=optimizer, key=jax.random.key(1))
+>>> model = two_networks(flow_fn, score_fn)
+>>> step = make_train_step(model, optimizer, path=SchrodingerBridge(sigma=1.0), loss="sf2m")
+>>> state, metrics = step(state, x0, x1)
+>>> sorted(metrics)
+['coupling_converged', 'coupling_error', 'flow_loss', 'loss', 'score_loss']
+
 A conditional model takes the condition as a fourth argument of the step (paired with x1):
 
 >>> model = MLP(dim=2, width=16, depth=2, num_classes=3)
@@ -48,7 +63,7 @@ from fmjax._checks import (
 )
 from fmjax._time import TIME_SAMPLERS, LogitNormal, logit_normal, uniform
 from fmjax.couplings import Coupling, GlobalBatch, Independent, PerShard, check_cond, independent
-from fmjax.losses import TARGETS, ApplyFn, cfm_loss
+from fmjax.losses import TARGETS, ApplyFn, cfm_loss, sf2m_loss
 from fmjax.paths import AffinePath
 
 __all__ = [
@@ -115,6 +130,10 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.stack(checks).all() if checks else jnp.bool_(True)
 
 
+LOSSES = ("cfm", "sf2m")
+"""What ``make_train_step(loss=...)`` minimises: ``cfm_loss`` or ``sf2m_loss``."""
+
+
 def _at_least_float32(x: jax.Array) -> jax.Array:
     return x.astype(jnp.float32) if jnp.dtype(x.dtype).itemsize < 4 else x
 
@@ -128,6 +147,7 @@ def make_train_step(
     time_sampler: Callable[..., jax.Array] | str = uniform,
     weight: Callable[[jax.Array], jax.Array] | None = None,
     target: str = "velocity",
+    loss: str = "cfm",
     cond_dropout: float = 0.0,
     null_cond: Any = None,
     ema_decay: float = 0.999,
@@ -140,10 +160,11 @@ def make_train_step(
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """Build the jitted training step ``(state, x0, x1, cond=None) -> (state, metrics)``.
 
-    One call draws a key from ``state.key``, evaluates ``cfm_loss`` and its gradient, applies the
-    optimiser and updates the EMA of the parameters. The step is traced once per input shape and dtype
-    (and once more for steps given a ``cond``); with ``donate=True`` the input state's buffers are
-    reused for the output (do not use the old state after the call).
+    One call draws a key from ``state.key``, evaluates ``cfm_loss`` (or ``sf2m_loss``, with
+    ``loss="sf2m"``) and its gradient, applies the optimiser and updates the EMA of the parameters.
+    The step is traced once per input shape and dtype (and once more for steps given a ``cond``);
+    with ``donate=True`` the input state's buffers are reused for the output (do not use the old
+    state after the call).
 
     ``cond`` (optional) is the condition paired with x1, a pytree of batch-leading arrays (see
     ``cfm_loss``); the model is then called ``apply_fn(params, t, xt, cond)``. A ``by_label``
@@ -158,6 +179,11 @@ def make_train_step(
       time_sampler: ``time_sampler(key, n, dtype) -> t``, or a name ("uniform", "logit_normal").
       weight, target: ``cfm_loss``'s time weighting ``weight(t)`` and what the model predicts
         ("velocity", "x1" or "eps").
+      loss: "cfm" (``cfm_loss``) or "sf2m" (``sf2m_loss``: flow and score matching, [SF]²M). With
+        "sf2m" the model returns the pair ``(v, s)`` (``fmjax.losses.two_networks`` joins a flow
+        and a score network), the path must have noise (e.g. ``SchrodingerBridge(sigma)``),
+        ``target`` must stay "velocity", and the metrics add ``flow_loss`` and ``score_loss``, the
+        batch means of the two (weighted) terms, whose sum is ``loss``.
       cond_dropout, null_cond: ``cfm_loss``'s classifier-free guidance dropout: each sample's
         condition becomes ``null_cond`` (one sample's null condition, e.g. ``model.null_cond()``)
         with probability ``cond_dropout``.
@@ -197,6 +223,18 @@ def make_train_step(
     coupling = resolve_coupling(coupling)
     time_sampler = resolve_time_sampler(time_sampler)
     check_choice("target", target, TARGETS)
+    check_choice("loss", loss, LOSSES)
+    sf2m = loss == "sf2m"
+    if sf2m and target != "velocity":
+        raise ValueError(
+            f"target={target!r} cannot be combined with loss='sf2m': sf2m_loss regresses the velocity "
+            "(and the score); use target='velocity', or loss='cfm' for an x1- or eps-prediction model"
+        )
+    if sf2m and not path.stochastic:
+        raise ValueError(
+            f"loss='sf2m' needs a path with noise, whose conditional path has a score; {path!r} has none "
+            "(use e.g. SchrodingerBridge(sigma=1.0), or loss='cfm' for the flow alone)"
+        )
     if weight is not None:
         check_callable("weight", weight, ("t",))
     cond_dropout = check_real("cond_dropout", cond_dropout, low=0.0, high=1.0)
@@ -208,7 +246,9 @@ def make_train_step(
     conditional = {}
     if cond_dropout > 0:
         conditional = {"cond_dropout": cond_dropout, "null_cond": null_cond}
-    options = {"weight": weight, "target": target} if weight is not None or target != "velocity" else {}
+    options = {"weight": weight} if weight is not None else {}
+    if target != "velocity":
+        options["target"] = target
 
     if mesh is not None:
         if data_axis not in mesh.axis_names:
@@ -216,7 +256,7 @@ def make_train_step(
         if not isinstance(coupling, Independent):
             wrapper = PerShard if coupling.scope == "local" else GlobalBatch
             coupling = wrapper(inner=coupling, mesh=mesh, axis=data_axis)
-    grad_fn = jax.value_and_grad(cfm_loss, argnums=1, has_aux=True)
+    grad_fn = jax.value_and_grad(sf2m_loss if sf2m else cfm_loss, argnums=1, has_aux=True)
 
     def step(state: TrainState, x0: jax.Array, x1: jax.Array, cond: Any = None):
         # half-precision batches (bf16 pipelines) are upcast: the path maths and the loss run in float32
@@ -245,6 +285,11 @@ def make_train_step(
             key=key,
         )
         metrics = {"loss": loss, **aux.status}
+        if sf2m:
+            # the loss's weight applies to both terms; aux holds them unweighted
+            w = weight(aux.sample.t).astype(loss.dtype) if weight is not None else 1.0
+            metrics["flow_loss"] = jnp.mean(w * aux.flow_loss)
+            metrics["score_loss"] = jnp.mean(w * aux.score_loss)
         if log_grad_norm or check_finite or skip_nonfinite:
             grad_norm = optax.global_norm(grads)
         if log_grad_norm:
