@@ -39,6 +39,7 @@ _EXPORTS = {
     "path_energy": "fmjax.metrics",
     "straightness": "fmjax.metrics",
     "wasserstein2": "fmjax.metrics",
+    "frechet_distance": "fmjax.metrics",
     "AffinePath": "fmjax.paths",
     "CondOT": "fmjax.paths",
     "Linear": "fmjax.paths",

@@ -715,6 +715,7 @@ def _cmd_sample(args) -> int:
 
     run = _load(args.run_dir)
     _check_conditional_options(run, args)
+    _check_sample_options(args)
     config = run.config
     suffix = "" if args.label is None else f"-class-{args.label}"
     suffix += "" if args.guidance == 1.0 else f"-w{args.guidance:g}"
@@ -793,6 +794,34 @@ def _cmd_sample(args) -> int:
     return 0
 
 
+def _check_nll_options(args) -> None:
+    """The options of ``fmjax nll``, checked before anything is announced or computed."""
+    from fmjax._checks import check_choice, check_int
+    from fmjax.likelihood import DIVERGENCES, PROBES
+
+    check_int("n", args.n, low=2)
+    check_choice("divergence", args.divergence, DIVERGENCES)
+    if args.divergence == "hutchinson":
+        check_int("num_probes", args.num_probes, low=1)
+        check_choice("probe", args.probe, PROBES)
+
+
+def _check_sample_options(args) -> None:
+    """The options of ``fmjax sample``, checked before anything is announced or computed."""
+    from fmjax._checks import check_choice, check_int
+    from fmjax.sampling import SOLVERS
+
+    check_int("n", args.n, low=1)
+    check_choice("solver", args.solver, SOLVERS)
+    if args.steps is not None:
+        check_int("steps", args.steps, low=1)
+    elif not SOLVERS[args.solver].adaptive:
+        adaptive = ", ".join(name for name, spec in SOLVERS.items() if spec.adaptive)
+        raise ValueError(
+            f"--steps is required for solver {args.solver!r}, which is not adaptive ({adaptive} are)"
+        )
+
+
 def _cmd_nll(args) -> int:
     from fmjax import runs
     from fmjax.sampling import SOLVERS
@@ -801,6 +830,7 @@ def _cmd_nll(args) -> int:
         adaptive = ", ".join(name for name, solver in SOLVERS.items() if solver.adaptive)
         raise _UsageError(f"--solver must be adaptive ({adaptive}); got {args.solver!r}")
     run = _load(args.run_dir)
+    _check_nll_options(args)
     what = "images" if run.config.dataset is not None else "target points"
     _say(f"integrating the log-likelihood of {args.n} {what} ({args.divergence} divergence, {args.solver})")
     if run.config.dataset is not None:

@@ -187,7 +187,8 @@ def test_rerunning_a_finished_run_keeps_its_records(tmp_path, capsys):
     capsys.readouterr()
     assert main(args) == 0  # nothing left to train, and its evaluation is current: neither is redone
     printed = capsys.readouterr().out
-    assert "already trained (200 steps): nothing to train" in printed and "trained 200 steps in" not in printed
+    assert "already trained (200 steps): nothing to train" in printed
+    assert "trained 200 steps in" not in printed
     summary = json.loads((out / "summary.json").read_text())
     assert f"W2 = {summary['w2']:.4f}" in printed and "from " in printed
     assert (out / "metrics.jsonl").read_text().splitlines() == before
