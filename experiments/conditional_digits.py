@@ -11,7 +11,7 @@ the conditional and the unconditional field. It is trained with the library's st
 Its EMA parameters are then sampled class by class with ``guided_velocity(apply_fn, params, labels,
 scale=w, null_cond=10)``, v_null + w (v_cond - v_null), from the same noise at every guidance scale
 w (0: unconditional, 1: conditional, > 1: guided), and the samples are judged by
-``experiments.classifier`` (a CNN trained on the train split only):
+``fmjax.digits_classifier`` (a CNN trained on the train split only):
 
 - accuracy: the fraction of the samples asked for class k that the classifier assigns to k, per class
   and over all classes (at w = 0 the class asked is ignored by the field, so about 1 in 10 by chance);
@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments.classifier import (
+from fmjax.digits_classifier import (
     Classifier,
     classifier_frechet_distance,
     dequantise,
@@ -67,7 +67,7 @@ FULL = {
     "ema_decay": 0.999,
     "cond_dropout": 0.1,
     "per_class": 100,
-    "scales": (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0),
+    "scales": (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0),
     "solver": "dopri5",
     "tolerance": 1e-4,
     "euler_steps": 8,
@@ -360,7 +360,7 @@ def report(record: dict, command: str) -> str:
             else f"a fixed {s['euler_steps']}-step Euler grid."
         )
         + "\n"
-        f"- Judge: `experiments.classifier` (a small CNN trained on the train split only, seed "
+        f"- Judge: `fmjax.digits_classifier` (a small CNN trained on the train split only, seed "
         f"{s['seed']}): test accuracy **{record['classifier_test_accuracy']:.4f}** on the 360 test "
         "digits. FD is the Fréchet distance between Gaussians fitted to its 64 penultimate features of "
         "the samples and of the 360 test digits (per class: that class's ~36 test digits, a noisy and "
