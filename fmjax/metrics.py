@@ -202,7 +202,8 @@ def digits_frechet_distance(
     ``classifier`` defaults to ``digits_classifier(seed)``.
 
     The distance is biased upwards for small sets: compare values computed with the same numbers of
-    images (real train digits against the test split score about 1 with 1437 vs 360 images).
+    images. With seed 0, the 1437 train digits score about 8.6 against the 360 test digits, uniform
+    noise about 880.
 
     >>> import jax
     >>> noise = jax.random.uniform(jax.random.key(0), (360, 8, 8, 1), minval=-1.0, maxval=1.0)
