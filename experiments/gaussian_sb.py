@@ -1,4 +1,4 @@
-"""Gaussian -> Gaussian Schrödinger bridge: SB-CFM against the closed-form marginals.
+"""Gaussian -> Gaussian Schrödinger bridge: SB-CFM and [SF]²M against the closed-form marginals.
 
 Source N(-0.1 * 1, I_d), target N(0.1 * 1, I_d), Brownian reference with sigma = 1, d = 5, 20, 50.
 The static bridge is entropic OT with epsilon = 2 sigma^2 (Janati et al. 2020): for identity
@@ -14,6 +14,15 @@ over the 21 times. A fitted Gaussian is biased even for exact samples (about d (
 nats); the ``floor`` column is that KL for n exact samples of the target, measured the same way.
 Published SB-CFM KL(p1, p1*): 0.001 / 0.034 / 0.170 for d = 5 / 20 / 50.
 
+[SF]²M (``--methods sf2m``; ``make_train_step(loss="sf2m")``, a flow and a score network joined by
+``two_networks``, same coupling and path) learns the bridge itself: the SDE
+dx = (v + sigma^2 / 2 s) dt + sigma dW (``sf2m_drift``, Euler-Maruyama, ``--sde-steps``) and the
+ODE of its flow head (``sf2m_velocity``, dopri5) should both have the closed-form marginals. We
+report KL(fit || closed form) at t = 0.25, 0.5, 0.75, 1 for each.
+
+Results of each method are kept in ``gaussian_sb.json`` under ``--out``; a run replaces only the
+methods it ran, and ``gaussian_sb.md`` is written from all of them.
+
     python -m experiments.gaussian_sb                # writes experiments/results/gaussian_sb.md
     python -m experiments.gaussian_sb --dims 5 --steps 300 --eval-samples 2000 --out /tmp/smoke
 """
@@ -25,6 +34,7 @@ import functools
 import json
 import math
 import os
+import sys
 import time
 
 import jax
@@ -33,13 +43,17 @@ import numpy as np
 import optax
 
 from fmjax.couplings import schrodinger_bridge
+from fmjax.losses import two_networks
 from fmjax.models import MLP, functional
 from fmjax.paths import SchrodingerBridge
 from fmjax.sampling import as_velocity, sample
+from fmjax.sde import sample_sde, sf2m_drift, sf2m_velocity
 from fmjax.training import TrainState, make_train_step
 
 PUBLISHED_KL = {5: 0.001, 20: 0.034, 50: 0.170}
 SOURCE_MEAN, TARGET_MEAN = -0.1, 0.1
+METHODS = ("sbcfm", "sf2m")
+SF2M_TIMES = (0.25, 0.5, 0.75, 1.0)
 
 
 def cross_covariance(sigma: float) -> float:
@@ -66,10 +80,18 @@ def gaussian_kl_to_isotropic(points: np.ndarray, mean: np.ndarray, var: float) -
     return 0.5 * (np.trace(s_hat) / var + diff @ diff / var - dim + dim * math.log(var) - logdet)
 
 
-def train_bridge(dim, *, sigma, steps, batch_size, width, learning_rate, seed):
-    """Train SB-CFM between the two Gaussians; returns (apply_fn, params)."""
-    model = MLP(dim=dim, width=width, depth=3, activation="selu", seed=seed)
-    apply_fn, params = functional(model)
+def build_model(dim, *, method, width, seed):
+    """(apply_fn, params): one MLP (SB-CFM), or a flow and a score MLP joined by ``two_networks`` ([SF]²M)."""
+    make = lambda seed: functional(MLP(dim=dim, width=width, depth=3, activation="selu", seed=seed))  # noqa: E731
+    if method == "sbcfm":
+        return make(seed)
+    (flow_fn, flow_params), (score_fn, score_params) = make(seed), make(seed + 1)
+    return two_networks(flow_fn, score_fn), {"flow": flow_params, "score": score_params}
+
+
+def train_bridge(dim, *, sigma, steps, batch_size, width, learning_rate, seed, method="sbcfm"):
+    """Train SB-CFM (or [SF]²M) between the two Gaussians; returns (apply_fn, params)."""
+    apply_fn, params = build_model(dim, method=method, width=width, seed=seed)
     optimizer = optax.adamw(learning_rate, weight_decay=1e-5)
     state = TrainState.create(params=params, optimizer=optimizer, key=jax.random.PRNGKey(seed))
     step = make_train_step(
@@ -77,6 +99,7 @@ def train_bridge(dim, *, sigma, steps, batch_size, width, learning_rate, seed):
         optimizer,
         path=SchrodingerBridge(sigma=sigma),
         coupling=schrodinger_bridge(sigma),
+        loss="sf2m" if method == "sf2m" else "cfm",
         donate=False,
     )
     data_key = jax.random.PRNGKey(10_000 + seed)
@@ -98,7 +121,7 @@ def train_bridge(dim, *, sigma, steps, batch_size, width, learning_rate, seed):
         state, loss = chunk(state, length)
         done += length
     if not math.isfinite(float(loss)):
-        raise FloatingPointError(f"SB-CFM loss became {float(loss)} by step {done} (d = {dim})")
+        raise FloatingPointError(f"{method} loss became {float(loss)} by step {done} (d = {dim})")
     return apply_fn, state.ema_params
 
 
@@ -124,10 +147,111 @@ def evaluate(apply_fn, params, dim, *, sigma, eval_samples, seed):
     }
 
 
+def fit_floor(dim, *, sigma, eval_samples, seed):
+    """KL of the Gaussian fitted to ``eval_samples`` exact samples of the bridge at t = 1.
+
+    The fit's KL is invariant under affine maps of the samples, so this floor holds at every t."""
+    key = jax.random.fold_in(jax.random.PRNGKey(20_000 + seed), 1)
+    exact = TARGET_MEAN + np.asarray(jax.random.normal(key, (eval_samples, dim)), np.float64)
+    return gaussian_kl_to_isotropic(exact, *marginal(1.0, dim, sigma))
+
+
+def sde_marginals(apply_fn, params, x0, *, sigma, sde_steps, key, times=SF2M_TIMES, chunk=10_000):
+    """Points of the [SF]²M SDE (Euler-Maruyama, ``sde_steps`` equal steps) at ``times``: [len(times), n, d].
+
+    The SDE saves every grid point; ``chunk`` samples at a time bound that trajectory's memory."""
+    index = [round(t * sde_steps) for t in times]
+    if any(abs(i - t * sde_steps) > 1e-9 for i, t in zip(index, times, strict=True)):
+        raise ValueError(f"sde_steps must put a grid point on each of {times}; got {sde_steps}")
+    drift = sf2m_drift(apply_fn, params, sigma)
+    parts, nfe = [], 0
+    for k, begin in enumerate(range(0, x0.shape[0], chunk)):
+        result = sample_sde(
+            drift,
+            sigma,
+            x0[begin : begin + chunk],
+            key=jax.random.fold_in(key, k),
+            solver="euler_maruyama",
+            steps=sde_steps,
+            save_trajectory=True,
+        )
+        parts.append(np.asarray(result.trajectory.xs[np.array(index)], np.float64))
+        nfe = int(result.nfe)
+    return np.concatenate(parts, axis=1), nfe
+
+
+def evaluate_sf2m(apply_fn, params, dim, *, sigma, eval_samples, sde_steps, seed):
+    """KL(fit || closed form) at t = 0.25, 0.5, 0.75, 1 of the SDE and of the ODE (flow head)."""
+    k0, k_sde = jax.random.split(jax.random.PRNGKey(20_000 + seed))
+    x0 = SOURCE_MEAN + jax.random.normal(k0, (eval_samples, dim))
+    sde_points, sde_nfe = sde_marginals(apply_fn, params, x0, sigma=sigma, sde_steps=sde_steps, key=k_sde)
+    ode = sample(
+        sf2m_velocity(apply_fn, params),
+        x0,
+        solver="dopri5",
+        save_trajectory=True,
+        trajectory_points=len(SF2M_TIMES) + 1,
+    )
+    ode_points = np.asarray(ode.trajectory.xs[1:], np.float64)  # t = 0.25, 0.5, 0.75, 1
+    kl = lambda points: [  # noqa: E731
+        gaussian_kl_to_isotropic(x, *marginal(t, dim, sigma)) for t, x in zip(SF2M_TIMES, points, strict=True)
+    ]
+    return {
+        "kl_sde": kl(sde_points),
+        "kl_ode": kl(ode_points),
+        "kl_t1": kl(sde_points)[-1],
+        "kl_floor": fit_floor(dim, sigma=sigma, eval_samples=eval_samples, seed=seed),
+        "nfe_sde": sde_nfe,
+        "nfe_ode": int(ode.nfe),
+    }
+
+
+SBCFM_HEADER = (
+    "| d | KL(p1, p1*) ours | published SB-CFM | floor (exact samples) | mean KL over t | NFE dopri5 | s |"
+)
+SF2M_HEADER = (
+    "| d | sampler | KL t=0.25 | KL t=0.5 | KL t=0.75 | KL t=1 | published SB-CFM KL(p1, p1*) "
+    "| floor (exact samples) | NFE | s |"
+)
+
+
+def render(results):
+    """The markdown tables of the stored results ({method: {"title", "rows"}})."""
+    lines = []
+    if "sbcfm" in results:
+        lines += [f"# {results['sbcfm']['title']}\n", SBCFM_HEADER, "|---|---|---|---|---|---|---|"]
+        for row in results["sbcfm"]["rows"]:
+            lines.append(
+                f"| {row['dim']} | {row['kl_t1']:.4f} | {PUBLISHED_KL.get(row['dim'], '—')} "
+                f"| {row['kl_floor']:.4f} "
+                f"| {row['kl_mean_over_t']:.4f} | {row['nfe']} | {row['seconds']} |"
+            )
+    if "sf2m" in results:
+        lines += [
+            "",
+            f"# {results['sf2m']['title']}\n",
+            SF2M_HEADER,
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in results["sf2m"]["rows"]:
+            for sampler, kls, nfe in (
+                (f"SDE Euler-Maruyama, {row['sde_steps']} steps", row["kl_sde"], row["nfe_sde"]),
+                ("ODE (flow head), dopri5", row["kl_ode"], row["nfe_ode"]),
+            ):
+                lines.append(
+                    f"| {row['dim']} | {sampler} | "
+                    + " | ".join(f"{kl:.4f}" for kl in kls)
+                    + f" | {PUBLISHED_KL.get(row['dim'], '—')} | {row['kl_floor']:.4f} | {nfe} "
+                    f"| {row['seconds']} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m experiments.gaussian_sb", description=__doc__.split("\n")[0]
     )
+    parser.add_argument("--methods", default="sbcfm,sf2m", help=f"comma-separated, from {METHODS}")
     parser.add_argument("--dims", default="5,20,50")
     parser.add_argument("--sigma", type=float, default=1.0)
     parser.add_argument("--steps", type=int, default=10_000)
@@ -135,50 +259,64 @@ def main(argv=None):
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--eval-samples", type=int, default=100_000)
+    parser.add_argument("--sde-steps", type=int, default=100, help="[SF]²M SDE steps (a multiple of 4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
+    methods = args.methods.split(",")
+    if not methods or any(m not in METHODS for m in methods):
+        parser.error(f"--methods must be a comma-separated list from {METHODS}; got {args.methods!r}")
+    if args.sde_steps < 4 or args.sde_steps % 4:
+        parser.error(
+            f"--sde-steps must be a positive multiple of 4 (a grid point at each t); got {args.sde_steps}"
+        )
     dims = [int(d) for d in args.dims.split(",")]
-    rows = []
-    for dim in dims:
-        start = time.perf_counter()
-        apply_fn, params = train_bridge(
-            dim,
-            sigma=args.sigma,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            width=args.width,
-            learning_rate=args.learning_rate,
-            seed=args.seed,
-        )
-        row = {
-            "dim": dim,
-            **evaluate(
-                apply_fn, params, dim, sigma=args.sigma, eval_samples=args.eval_samples, seed=args.seed
-            ),
+    store = os.path.join(args.out, "gaussian_sb.json")
+    results = {}
+    if os.path.exists(store):
+        with open(store) as f:
+            results = json.load(f)
+    all_rows = []
+    for method in methods:
+        rows = []
+        for dim in dims:
+            start = time.perf_counter()
+            apply_fn, params = train_bridge(
+                dim,
+                sigma=args.sigma,
+                steps=args.steps,
+                batch_size=args.batch_size,
+                width=args.width,
+                learning_rate=args.learning_rate,
+                seed=args.seed,
+                method=method,
+            )
+            options = dict(sigma=args.sigma, eval_samples=args.eval_samples, seed=args.seed)
+            if method == "sbcfm":
+                metrics = evaluate(apply_fn, params, dim, **options)
+            else:
+                metrics = evaluate_sf2m(apply_fn, params, dim, sde_steps=args.sde_steps, **options)
+                metrics["sde_steps"] = args.sde_steps
+            row = {"method": method, "dim": dim, **metrics, "seconds": round(time.perf_counter() - start, 1)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        name = "SB-CFM" if method == "sbcfm" else "[SF]²M (flow + score networks)"
+        results[method] = {
+            "title": f"{name}, Gaussian Schrödinger bridge (sigma = {args.sigma}): {args.steps} steps, "
+            f"batch {args.batch_size}, MLP 3x{args.width}, EMA params, {args.eval_samples} samples",
+            "command": "python -m experiments.gaussian_sb "
+            + " ".join(argv if argv is not None else sys.argv[1:]),
+            "rows": rows,
         }
-        row["seconds"] = round(time.perf_counter() - start, 1)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    lines = [
-        f"# Gaussian Schrödinger bridge (sigma = {args.sigma}): {args.steps} steps, batch {args.batch_size}, "
-        f"MLP 3x{args.width}, EMA params, {args.eval_samples} samples\n",
-        "| d | KL(p1, p1*) ours | published SB-CFM | floor (exact samples) | mean KL over t "
-        "| NFE dopri5 | s |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['dim']} | {row['kl_t1']:.4f} | {PUBLISHED_KL.get(row['dim'], '—')} "
-            f"| {row['kl_floor']:.4f} "
-            f"| {row['kl_mean_over_t']:.4f} | {row['nfe']} | {row['seconds']} |"
-        )
-    text = "\n".join(lines) + "\n"
+        all_rows += rows
     os.makedirs(args.out, exist_ok=True)
+    with open(store, "w") as f:
+        json.dump({m: results[m] for m in METHODS if m in results}, f, indent=1)
+    text = render(results)
     with open(os.path.join(args.out, "gaussian_sb.md"), "w") as f:
         f.write(text)
     print(text)
-    return rows
+    return all_rows
 
 
 if __name__ == "__main__":
