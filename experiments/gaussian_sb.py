@@ -21,7 +21,8 @@ ODE of its flow head (``sf2m_velocity``, dopri5) should both have the closed-for
 report KL(fit || closed form) at t = 0.25, 0.5, 0.75, 1 for each.
 
 Results of each method are kept in ``gaussian_sb.json`` under ``--out``; a run replaces only the
-methods it ran, and ``gaussian_sb.md`` is written from all of them.
+methods it ran, and ``gaussian_sb.md`` is written from all of them (and from the json's "notes", a
+reading of the tables kept across runs).
 
     python -m experiments.gaussian_sb                # writes experiments/results/gaussian_sb.md
     python -m experiments.gaussian_sb --dims 5 --steps 300 --eval-samples 2000 --out /tmp/smoke
@@ -181,7 +182,8 @@ def sde_marginals(apply_fn, params, x0, *, sigma, sde_steps, key, times=SF2M_TIM
 
 
 def evaluate_sf2m(apply_fn, params, dim, *, sigma, eval_samples, sde_steps, seed):
-    """KL(fit || closed form) at t = 0.25, 0.5, 0.75, 1 of the SDE and of the ODE (flow head)."""
+    """KL(fit || closed form) at t = 0.25, 0.5, 0.75, 1 of the SDE and of the ODE (flow head), and the
+    fitted variance (the mean of the per-coordinate variances) there."""
     k0, k_sde = jax.random.split(jax.random.PRNGKey(20_000 + seed))
     x0 = SOURCE_MEAN + jax.random.normal(k0, (eval_samples, dim))
     sde_points, sde_nfe = sde_marginals(apply_fn, params, x0, sigma=sigma, sde_steps=sde_steps, key=k_sde)
@@ -196,9 +198,12 @@ def evaluate_sf2m(apply_fn, params, dim, *, sigma, eval_samples, sde_steps, seed
     kl = lambda points: [  # noqa: E731
         gaussian_kl_to_isotropic(x, *marginal(t, dim, sigma)) for t, x in zip(SF2M_TIMES, points, strict=True)
     ]
+    variance = lambda points: [float(np.mean(np.var(x, axis=0))) for x in points]  # noqa: E731
     return {
         "kl_sde": kl(sde_points),
         "kl_ode": kl(ode_points),
+        "var_sde": variance(sde_points),
+        "var_ode": variance(ode_points),
         "kl_t1": kl(sde_points)[-1],
         "kl_floor": fit_floor(dim, sigma=sigma, eval_samples=eval_samples, seed=seed),
         "nfe_sde": sde_nfe,
@@ -244,6 +249,26 @@ def render(results):
                     + f" | {PUBLISHED_KL.get(row['dim'], '—')} | {row['kl_floor']:.4f} | {nfe} "
                     f"| {row['seconds']} |"
                 )
+        rows = [row for row in results["sf2m"]["rows"] if "var_sde" in row]
+        if rows:
+            sigma = results["sf2m"].get("sigma", 1.0)
+            lines += [
+                "",
+                "Fitted variance (mean over coordinates) against the bridge's s_t and OT's 1:\n",
+                "| d | sampler | var t=0.25 | var t=0.5 | var t=0.75 | var t=1 |",
+                "|---|---|---|---|---|---|",
+                "| any | closed form (bridge) | "
+                + " | ".join(f"{marginal(t, 1, sigma)[1]:.4f}" for t in SF2M_TIMES)
+                + " |",
+                "| any | OT interpolation (sigma -> 0) | " + " | ".join("1.0000" for _ in SF2M_TIMES) + " |",
+            ]
+            for row in rows:
+                for sampler, var in (("SDE", row["var_sde"]), ("ODE", row["var_ode"])):
+                    lines.append(
+                        f"| {row['dim']} | {sampler} | " + " | ".join(f"{v:.4f}" for v in var) + " |"
+                    )
+    if results.get("notes"):
+        lines += ["", results["notes"]]
     return "\n".join(lines) + "\n"
 
 
@@ -306,12 +331,14 @@ def main(argv=None):
             f"batch {args.batch_size}, MLP 3x{args.width}, EMA params, {args.eval_samples} samples",
             "command": "python -m experiments.gaussian_sb "
             + " ".join(argv if argv is not None else sys.argv[1:]),
+            "sigma": args.sigma,
             "rows": rows,
         }
         all_rows += rows
     os.makedirs(args.out, exist_ok=True)
     with open(store, "w") as f:
-        json.dump({m: results[m] for m in METHODS if m in results}, f, indent=1)
+        # "notes" (the reading of the tables, written by hand) is kept across runs
+        json.dump({k: results[k] for k in (*METHODS, "notes") if k in results}, f, indent=1)
     text = render(results)
     with open(os.path.join(args.out, "gaussian_sb.md"), "w") as f:
         f.write(text)

@@ -8,6 +8,7 @@ s_t = (1 - t)^2 + t^2 + 2 t (1 - t) c + sigma^2 t (1 - t), c = (sqrt(4 + sigma^4
 from __future__ import annotations
 
 import functools
+import json
 import math
 
 import jax
@@ -160,3 +161,40 @@ def test_sf2m_sde_marginals_match_the_closed_form(seed):
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
 def test_sf2m_sde_marginals_match_the_closed_form_more_seeds(seed):
     test_sf2m_sde_marginals_match_the_closed_form(seed)
+
+
+# --- the experiment's [SF]²M rows -----------------------------------------------------------------
+
+
+def test_experiment_sf2m_rows_keep_the_other_method_and_the_notes(tmp_path):
+    kept = {
+        "sbcfm": {
+            "title": "SB-CFM, stored",
+            "rows": [
+                {"dim": 7, "kl_t1": 0.5, "kl_floor": 0.1, "kl_mean_over_t": 0.25, "nfe": 9, "seconds": 1.0}
+            ],
+        },
+        "notes": "Reading: kept.",
+    }
+    (tmp_path / "gaussian_sb.json").write_text(json.dumps(kept))
+    args = ["--methods", "sf2m", "--dims", "2", "--steps", "20", "--width", "16", "--eval-samples", "300"]
+    rows = gaussian_sb.main([*args, "--sde-steps", "8", "--out", str(tmp_path)])
+    (row,) = rows
+    assert row["method"] == "sf2m" and row["nfe_sde"] == 8 and row["nfe_ode"] >= 6
+    for name in ("kl_sde", "kl_ode", "var_sde", "var_ode"):
+        assert len(row[name]) == 4 and all(math.isfinite(v) and v >= 0 for v in row[name])
+    stored = json.loads((tmp_path / "gaussian_sb.json").read_text())
+    assert stored["sbcfm"] == kept["sbcfm"] and stored["notes"] == kept["notes"]
+    assert stored["sf2m"]["rows"] == json.loads(json.dumps(rows))
+    table = (tmp_path / "gaussian_sb.md").read_text()
+    assert "| 7 | 0.5000 |" in table and "| 2 | SDE Euler-Maruyama, 8 steps |" in table
+    assert "| any | closed form (bridge) | 1.0443 | 1.0590 | 1.0443 | 1.0000 |" in table
+    assert table.rstrip().endswith("Reading: kept.")
+
+
+def test_experiment_rejects_bad_options(tmp_path):
+    for bad in (["--methods", "sf2m,dsbm"], ["--sde-steps", "10"]):
+        with pytest.raises(SystemExit) as error:
+            gaussian_sb.main([*bad, "--out", str(tmp_path)])
+        assert error.value.code == 2
+    assert not (tmp_path / "gaussian_sb.md").exists()
