@@ -10,6 +10,7 @@ solver (4x faster than POT at 10k points); other sizes go to POT's network simpl
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import TYPE_CHECKING
 
 import jax
@@ -210,8 +211,8 @@ def digits_frechet_distance(
     >>> digits_frechet_distance(noise) > 100.0  # uniform noise is far from every digit
     True
     """
-    from fmjax import digits_classifier as module
-
+    # by full name: "from fmjax import digits_classifier" would find this function if fmjax re-exported it
+    module = importlib.import_module("fmjax.digits_classifier")
     space = check_choice("space", space, module.SPACES)
     if classifier is None:
         classifier = digits_classifier(seed)
