@@ -40,6 +40,7 @@ _EXPORTS = {
     "straightness": "fmjax.metrics",
     "wasserstein2": "fmjax.metrics",
     "frechet_distance": "fmjax.metrics",
+    "digits_frechet_distance": "fmjax.metrics",
     "AffinePath": "fmjax.paths",
     "CondOT": "fmjax.paths",
     "Linear": "fmjax.paths",

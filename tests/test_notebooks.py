@@ -9,8 +9,8 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
 
-def test_the_three_notebooks_exist():
-    assert [p.stem for p in NOTEBOOKS] == ["00_quickstart", "01_couplings", "02_likelihood"]
+def test_the_notebooks_exist():
+    assert [p.stem for p in NOTEBOOKS] == ["00_quickstart", "01_couplings", "02_likelihood", "03_conditional"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
