@@ -401,6 +401,17 @@ def verdict(record: dict) -> list[str]:
             + ("holds" if small else "does not hold")
             + f" (criterion: |relative gap| < {100 * SMALL_GAP:.0f}% or the seeds disagree in sign)."
         )
+    for metric, name in METRICS.items():
+        a, b = data["I-CFM"][f"along_{metric}"], data["OT-CFM"][f"along_{metric}"]
+        lines.append(
+            f"- Along training ({name}, dopri5), I-CFM vs OT-CFM means, and the seeds where OT-CFM is lower: "
+            + ", ".join(
+                f"step {step} {a[:, k].mean():.3g} vs {b[:, k].mean():.3g} ({int((b[:, k] < a[:, k]).sum())}"
+                f" of {seeds})"
+                for k, step in enumerate(data["I-CFM"]["steps"])
+            )
+            + "."
+        )
     for method, e in data.items():
         columns = gaps["columns"]
         lowest = {m: columns[int(np.argmin(e[f"final_{m}"].mean(0)))] for m in METRICS}
