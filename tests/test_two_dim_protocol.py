@@ -283,9 +283,12 @@ def test_paper_quick_run_learns_and_resumes(tmp_path):
     assert sorted(r["method"] for r in records) == ["OT-CFM", "SF2M-Exact"]
     for r in records:
         assert r["steps"] == 20 * 8 and r["best_epoch"] in (5, 10, 15, 20)
-        # 160 steps move 512 N(0, I) points well towards the moons: W2 below half the untrained distance
+        # 160 steps take 512 N(0, I) points to 0.46 of their W2 to the moons (seeded: the same run each
+        # time; 0.6 leaves room for another CPU's rounding). The EMA (decay 0.999) has barely moved
+        # from the initial network, whose samples are further away than the source points themselves.
         for key in ("w2_best", "w2_last", "w2_dopri5"):
-            assert math.isfinite(r[key]) and 0 < r[key] < 0.5 * r["w2_source"], (key, r)
+            assert math.isfinite(r[key]) and 0 < r[key] < 0.6 * r["w2_source"], (key, r)
+        assert r["w2_ema"] > r["w2_source"]
         assert r["w2_source"] == pytest.approx(
             wasserstein2(
                 *two_dim._test_points(
@@ -294,7 +297,7 @@ def test_paper_quick_run_learns_and_resumes(tmp_path):
             )
         )
     sf2m = next(r for r in records if r["method"] == "SF2M-Exact")
-    assert 0 < sf2m["w2_sde_best"] < 0.5 * sf2m["w2_source"]
+    assert 0 < sf2m["w2_sde_best"] < 0.6 * sf2m["w2_source"]
     table = (tmp_path / "two_dim_paper.md").read_text()
     assert "| OT-CFM | N -> moons | 1 |" in table and "0.130 (0.083)" in table
     assert "| [SF]²M-Exact | N -> moons | 1 |" in table
