@@ -326,7 +326,7 @@ class Check:
         self.report.write()
 
     def image_shape(self) -> tuple[int, int, int]:
-        return image_runs._shape(RunConfig(dataset=self.setting.image_dataset))
+        return image_runs.image_shape(RunConfig(dataset=self.setting.image_dataset))
 
     def source(self, model: str, batch: int):
         if model == "mlp":
