@@ -87,7 +87,8 @@ def test_gaussian_kl_closed_form_and_fit_bias():
 
 def test_gaussian_sb_smoke(tmp_path):
     rows = gaussian_sb.main(
-        ["--dims", "3", "--steps", "200", "--eval-samples", "2000", "--out", str(tmp_path)]
+        ["--methods", "sbcfm", "--dims", "3", "--steps", "200", "--eval-samples", "2000"]
+        + ["--out", str(tmp_path)]
     )
     assert rows[0]["dim"] == 3 and math.isfinite(rows[0]["kl_t1"]) and rows[0]["kl_t1"] >= 0
     assert "| 3 |" in (tmp_path / "gaussian_sb.md").read_text()
