@@ -798,8 +798,10 @@ def _check_nll_options(args) -> None:
     """The options of ``fmjax nll``, checked before anything is announced or computed."""
     from fmjax._checks import check_choice, check_int
     from fmjax.likelihood import DIVERGENCES, PROBES
+    from fmjax.sampling import SOLVERS
 
     check_int("n", args.n, low=2)
+    check_choice("solver", args.solver, SOLVERS)
     check_choice("divergence", args.divergence, DIVERGENCES)
     if args.divergence == "hutchinson":
         check_int("num_probes", args.num_probes, low=1)
