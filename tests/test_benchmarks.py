@@ -6,6 +6,7 @@ from benchmarks import __main__ as suite
 from benchmarks import couplings, device, likelihood, sampling, train_step
 
 
+@pytest.mark.slow  # the quick suite below runs the train-step section too
 def test_train_step_benchmark_runs():
     report = train_step.main(["--batch", "32", "--width", "16", "--repeats", "1", "--inner", "2"])
     for name in ("plain I-CFM", "fmjax I-CFM", "fmjax OT-CFM (exact)"):
@@ -56,6 +57,7 @@ def _positive(cell: str) -> float:
     return value
 
 
+@pytest.mark.slow  # 35 s of the device benchmark on this CPU (CI time); run with -m slow
 def test_device_check_writes_every_row(tmp_path):
     out = tmp_path / "device.md"
     report = device.main(

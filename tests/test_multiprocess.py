@@ -55,8 +55,15 @@ def _wait_two(processes, log_dir):
 
 # the OT couplings' default scope in fmjax train is global: two processes couple the one global batch, as one
 # process does (Sinkhorn's loop once paid a collective per iteration there: 200 steps took 380 s, not 18 s)
+# exact (host-solved, global) in the default run; independent and sb with -m slow (CI time)
 @pytest.mark.parametrize(
-    "coupling", [["independent"], ["exact"], ["sb", "--path", "sb", "--sigma", "0.5"]], ids=lambda c: c[0]
+    "coupling",
+    [
+        pytest.param(["independent"], marks=pytest.mark.slow),
+        ["exact"],
+        pytest.param(["sb", "--path", "sb", "--sigma", "0.5"], marks=pytest.mark.slow),
+    ],
+    ids=lambda c: c[0],
 )
 def test_two_processes_match_one(coupling, tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -93,6 +100,7 @@ def test_bad_process_flags(extra, message, tmp_path, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 80 s on 2 cores; the 2D runs above cover two processes in the default run
 def test_two_processes_train_digits_like_one(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", FMJAX_DATA_DIR=str(tmp_path / "tfds"))
     env.pop("XLA_FLAGS", None)

@@ -101,6 +101,7 @@ def test_resume_is_bitwise_with_pipelined_pairs_and_async_checkpoints(tmp_path):
     assert losses(whole) == losses(cut) and len(losses(whole)) == 6
 
 
+@pytest.mark.slow  # 18 s of benchmark; the pipeline's behaviour is tested above
 def test_pipeline_benchmark_runs():
     from benchmarks import pipeline
 
