@@ -449,8 +449,14 @@ def two_networks(flow_fn: ApplyFn, score_fn: ApplyFn) -> ApplyFn:
     >>> v.tolist(), s.tolist()
     ([[2.0, 2.0]], [[-3.0, -3.0]])
     """
-    check_callable("flow_fn", flow_fn, ("params", "t", "x"))
-    check_callable("score_fn", score_fn, ("params", "t", "x"))
+    for name, network in (("flow_fn", flow_fn), ("score_fn", score_fn)):
+        try:
+            check_callable(name, network, ("params", "t", "x"))
+        except TypeError:  # a conditional network, network(params, t, x, cond), is the other form
+            try:
+                check_callable(name, network, ("params", "t", "x", "cond"))
+            except TypeError:
+                check_callable(name, network, ("params", "t", "x"))  # raise the plain form's error
 
     def apply_fn(params: Any, t: jax.Array, x: jax.Array, *cond: Any) -> tuple[jax.Array, jax.Array]:
         if not isinstance(params, Mapping) or set(params) != {"flow", "score"}:

@@ -351,3 +351,12 @@ def test_public_names():
     for name in ("sf2m_loss", "SF2MAux", "two_networks", "sample_sde", "sf2m_drift", "sf2m_velocity"):
         assert name in fmjax.__all__ and getattr(fmjax, name).__doc__
     assert fmjax.sf2m_loss is sf2m_loss and fmjax.sample_sde is sample_sde
+
+
+def test_two_networks_joins_conditional_networks():
+    apply_fn = two_networks(lambda p, t, x, c: p * x + c[:, None], lambda p, t, x, c: -p * x - c[:, None])
+    v, s = apply_fn({"flow": 2.0, "score": 3.0}, jnp.zeros(2), jnp.ones((2, 2)), jnp.array([1.0, 0.0]))
+    np.testing.assert_allclose(v, [[3.0, 3.0], [2.0, 2.0]])
+    np.testing.assert_allclose(s, [[-4.0, -4.0], [-3.0, -3.0]])
+    with pytest.raises(TypeError, match=r"flow_fn must be callable as flow_fn\(params, t, x\)"):
+        two_networks(lambda p: p, lambda p, t, x: x)
