@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments._options import add_setting_options
 from fmjax.digits_classifier import (
     Classifier,
     classifier_frechet_distance,
@@ -393,10 +394,7 @@ def main(argv=None):
         prog="python -m experiments.conditional_digits", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--quick", action="store_true", help="the smoke setting (tiny model, Euler only)")
-    for name, value in FULL.items():
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None,
-                                help=f"default {value} (quick: {QUICK[name]})")  # fmt: skip
+    add_setting_options(parser, FULL, QUICK)
     parser.add_argument("--scales", default=None, help="comma-separated guidance scales")
     parser.add_argument("--solver", default=None, choices=("dopri5", "euler"))
     parser.add_argument("--seed", type=int, default=0)

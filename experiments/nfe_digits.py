@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments._options import add_setting_options
 from experiments.classifier import (
     Classifier,
     classifier_frechet_distance,
@@ -533,10 +534,7 @@ def main(argv=None):
         prog="python -m experiments.nfe_digits", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--quick", action="store_true", help="the smoke setting (tiny model, a few steps)")
-    for name, value in FULL.items():
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None,
-                                help=f"default {value} (quick: {QUICK[name]})")  # fmt: skip
+    add_setting_options(parser, FULL, QUICK)
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default=RESULTS)

@@ -63,6 +63,7 @@ import numpy as np
 import optax
 import sklearn.datasets
 
+from experiments._options import read_jsonl
 from fmjax.couplings import exact, independent, schrodinger_bridge
 from fmjax.data.toy import sample as toy_sample
 from fmjax.losses import cfm_loss, sf2m_loss, two_networks
@@ -631,10 +632,7 @@ def paper_main(args, parser) -> list[dict]:
 
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, "two_dim_paper_runs.jsonl")
-    records = []
-    if os.path.exists(log_path):
-        with open(log_path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
+    records = read_jsonl(log_path)
     key = settings.key()
     mine = lambda r: all(r.get(k) == v for k, v in key.items())  # noqa: E731
     # seeds outermost: a sweep stopped early leaves every cell with the same number of seeds
@@ -802,10 +800,7 @@ def main(argv=None):
 
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, "two_dim_runs.jsonl")
-    records = []
-    if os.path.exists(log_path):
-        with open(log_path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
+    records = read_jsonl(log_path)
     settings = {"steps": args.steps, "batch_size": args.batch_size}
     with tempfile.TemporaryDirectory() as work:
         # seeds outermost: a sweep stopped early leaves every cell with the same number of seeds
