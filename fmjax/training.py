@@ -45,6 +45,7 @@ A conditional model takes the condition as a fourth argument of the step (paired
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -53,6 +54,7 @@ import jax.numpy as jnp
 import optax
 
 from fmjax._checks import (
+    check_bool,
     check_callable,
     check_choice,
     check_pair,
@@ -138,6 +140,32 @@ def _at_least_float32(x: jax.Array) -> jax.Array:
     return x.astype(jnp.float32) if jnp.dtype(x.dtype).itemsize < 4 else x
 
 
+def _check_takes_dropout_key(apply_fn: ApplyFn) -> None:
+    """Refuse (TypeError naming ``model_dropout``) an ``apply_fn`` without a keyword ``dropout_key``."""
+    try:
+        parameters = inspect.signature(apply_fn).parameters.values()
+    except (TypeError, ValueError):
+        return
+    if not any(
+        p.kind is p.VAR_KEYWORD or (p.name == "dropout_key" and p.kind is not p.POSITIONAL_ONLY)
+        for p in parameters
+    ):
+        raise TypeError(
+            "model_dropout=True calls apply_fn(params, t, x, ..., dropout_key=key), but apply_fn takes no "
+            f"keyword dropout_key (its signature is {inspect.signature(apply_fn)}); use "
+            "fmjax.models.functional of a model with dropout, or model_dropout=False"
+        )
+
+
+def _with_dropout_key(apply_fn: ApplyFn, dropout_key: jax.Array) -> ApplyFn:
+    """``apply_fn`` with ``dropout_key`` bound: the training-mode model that ``cfm_loss`` calls."""
+
+    def model(params: Any, t: jax.Array, x: jax.Array, *cond: Any) -> jax.Array:
+        return apply_fn(params, t, x, *cond, dropout_key=dropout_key)
+
+    return model
+
+
 def make_train_step(
     apply_fn: ApplyFn,
     optimizer: optax.GradientTransformation,
@@ -150,6 +178,7 @@ def make_train_step(
     loss: str = "cfm",
     cond_dropout: float = 0.0,
     null_cond: Any = None,
+    model_dropout: bool | None = None,
     ema_decay: float = 0.999,
     log_grad_norm: bool = False,
     check_finite: bool = False,
@@ -187,6 +216,12 @@ def make_train_step(
       cond_dropout, null_cond: ``cfm_loss``'s classifier-free guidance dropout: each sample's
         condition becomes ``null_cond`` (one sample's null condition, e.g. ``model.null_cond()``)
         with probability ``cond_dropout``.
+      model_dropout: call the model as ``apply_fn(params, t, xt[, cond], dropout_key=k)`` with a fresh
+        key k per step, so that the model's own dropout (``UNet(dropout=p)``) acts in training. None
+        (default): when ``apply_fn.takes_dropout_key`` is true (``functional`` of a model with
+        dropout > 0). The step then splits ``state.key`` into three (next key, the loss's key, k)
+        instead of two; without it the step and its random stream are those of a model without
+        dropout. Sampling and likelihoods call ``apply_fn`` without a key, deterministically.
       ema_decay: EMA decay in [0, 1); 0 makes ``ema_params`` equal to ``params``.
       log_grad_norm: add the gradient's global norm to the metrics. Off by default: on a CPU its
         per-leaf reductions cost about 2% of a small MLP's step.
@@ -243,6 +278,10 @@ def make_train_step(
             f"cond_dropout={cond_dropout} needs null_cond, the condition that means 'no condition' "
             "(for a bundled model: model.null_cond(); for class labels, the null class id num_classes)"
         )
+    if model_dropout is None:
+        model_dropout = getattr(apply_fn, "takes_dropout_key", False) is True
+    elif check_bool("model_dropout", model_dropout):
+        _check_takes_dropout_key(apply_fn)
     conditional = {}
     if cond_dropout > 0:
         conditional = {"cond_dropout": cond_dropout, "null_cond": null_cond}
@@ -261,10 +300,15 @@ def make_train_step(
     def step(state: TrainState, x0: jax.Array, x1: jax.Array, cond: Any = None):
         # half-precision batches (bf16 pipelines) are upcast: the path maths and the loss run in float32
         x0, x1 = _at_least_float32(x0), _at_least_float32(x1)
-        key, loss_key = jax.random.split(state.key)
+        if model_dropout:
+            key, loss_key, dropout_key = jax.random.split(state.key, 3)
+            model = _with_dropout_key(apply_fn, dropout_key)
+        else:
+            key, loss_key = jax.random.split(state.key)
+            model = apply_fn
         with_cond = {"cond": cond, **conditional} if cond is not None else {}
         (loss, aux), grads = grad_fn(
-            apply_fn,
+            model,
             state.params,
             loss_key,
             x0,
