@@ -2,11 +2,14 @@
 
 The recipe is TorchCFM's examples/images/cifar10/train_cifar10.py; each choice and where fmjax stands:
 
-- model: a UNet with 128 base channels, channel multipliers (1, 2, 2, 2), 2 residual blocks per level
-  (``fmjax.models.UNet(in_channels=3, channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2)``).
-  TorchCFM's UNet also has self-attention at 16x16 (4 heads of 64 channels) and dropout 0.1 in its
-  residual blocks; fmjax's UNet has neither, so this recipe trains without them (recorded in
-  ``recipe.json`` under ``not_in_fmjax``);
+- model: a UNet with 128 base channels, channel multipliers (1, 2, 2, 2), 2 residual blocks per level,
+  GroupNorm in 32 groups, self-attention at 16x16 (heads of 64 channels: 4 heads at its 256 channels)
+  and dropout 0.1 in the residual blocks, their ``UNetModelWrapper(num_res_blocks=2, num_channels=128,
+  channel_mult=[1, 2, 2, 2], num_heads=4, num_head_channels=64, attention_resolutions="16",
+  dropout=0.1)`` (``fmjax.models.UNet(in_channels=3, channels=128, channel_mults=(1, 2, 2, 2),
+  num_res_blocks=2, groups=32, image_size=32, attention_resolutions=(16,), num_head_channels=64,
+  dropout=0.1)``, see ``make_model``). Dropout acts in the training step only (``make_train_step``
+  gives the model a fresh dropout key each step); the EMA samples are drawn without it;
 - path: the linear path with sigma = 0 (``Linear(sigma=0)``: x_t = (1 - t) x0 + t x1, u_t = x1 - x0),
   uniform t, from N(0, I); coupling ``exact`` (OT-CFM, their default ``--model otcfm``) or
   ``independent`` (I-CFM, ``--model icfm``), on each batch;
@@ -65,15 +68,26 @@ from fmjax.paths import Linear
 from fmjax.sampling import as_velocity, sample
 from fmjax.training import TrainState, make_train_step
 
-__all__ = ["Recipe", "RECIPE", "NOT_IN_FMJAX", "learning_rate", "make_optimizer", "augment", "build", "train"]
+__all__ = [
+    "Recipe",
+    "RECIPE",
+    "NOT_IN_FMJAX",
+    "learning_rate",
+    "make_optimizer",
+    "augment",
+    "make_model",
+    "build",
+    "train",
+]
 
 IMAGE_SHAPE = (32, 32, 3)
 RECIPE_FILE = "recipe.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 # Parts of TorchCFM's UNetModelWrapper(num_res_blocks=2, num_channels=128, channel_mult=[1, 2, 2, 2],
-# num_heads=4, num_head_channels=64, attention_resolutions="16", dropout=0.1) that fmjax's UNet lacks.
-NOT_IN_FMJAX = {"attention_resolutions": [16], "num_heads": 4, "num_head_channels": 64, "dropout": 0.1}
+# num_heads=4, num_head_channels=64, attention_resolutions="16", dropout=0.1) that fmjax's UNet lacks:
+# none since it has self-attention and dropout (recorded in recipe.json all the same).
+NOT_IN_FMJAX: dict[str, Any] = {}
 # Fields a resumed run may change: how long it runs and how often it reports.
 RESUMABLE_CHANGES = ("steps", "save_every", "log_every", "keep_checkpoints")
 
@@ -85,6 +99,11 @@ class Recipe:
     channels: int = 128
     channel_mults: tuple[int, ...] = (1, 2, 2, 2)
     num_res_blocks: int = 2
+    groups: int = 32
+    attention_resolutions: tuple[int, ...] = (16,)
+    num_heads: int = 4
+    num_head_channels: int | None = 64
+    dropout: float = 0.1
     coupling: str = "exact"
     sigma: float = 0.0
     learning_rate: float = 2e-4
@@ -105,8 +124,8 @@ class Recipe:
     sample_steps: int = 100
 
     def __post_init__(self):
-        for name in ("channels", "num_res_blocks", "warmup_steps", "batch_size", "steps", "save_every",
-                     "log_every", "sample_count", "sample_steps"):  # fmt: skip
+        for name in ("channels", "num_res_blocks", "groups", "num_heads", "warmup_steps", "batch_size",
+                     "steps", "save_every", "log_every", "sample_count", "sample_steps"):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1; got {value!r}")
@@ -117,7 +136,13 @@ class Recipe:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)!r}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1); got {self.ema_decay!r}")
+        heads = self.num_head_channels
+        if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1):
+            raise ValueError(f"num_head_channels must be None or an int >= 1; got {heads!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1); got {self.dropout!r}")
         object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
+        object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
 
     def to_json(self) -> dict[str, Any]:
         """The fields as JSON values."""
@@ -150,16 +175,27 @@ def augment(key: jax.Array, images: jax.Array, *, flip: bool = True) -> jax.Arra
     return jnp.where(flipped, x[:, :, ::-1, :], x)
 
 
-def build(recipe: Recipe) -> tuple[Any, optax.GradientTransformation, TrainState]:
-    """``(apply_fn, optimizer, initial TrainState)`` of the recipe's UNet."""
-    model = UNet(
+def make_model(recipe: Recipe) -> UNet:
+    """The recipe's UNet for 32x32x3 images, initialised from ``recipe.seed``."""
+    return UNet(
         in_channels=IMAGE_SHAPE[-1],
         channels=recipe.channels,
         channel_mults=recipe.channel_mults,
         num_res_blocks=recipe.num_res_blocks,
+        groups=recipe.groups,
+        image_size=IMAGE_SHAPE[0],
+        attention_resolutions=recipe.attention_resolutions,
+        num_heads=recipe.num_heads,
+        num_head_channels=recipe.num_head_channels,
+        dropout=recipe.dropout,
         seed=recipe.seed,
     )
-    apply_fn, params = functional(model)
+
+
+def build(recipe: Recipe) -> tuple[Any, optax.GradientTransformation, TrainState]:
+    """``(apply_fn, optimizer, initial TrainState)`` of the recipe's UNet. ``apply_fn(params, t, x)`` is
+    deterministic; ``apply_fn(params, t, x, dropout_key=key)`` applies the recipe's dropout."""
+    apply_fn, params = functional(make_model(recipe))
     optimizer = make_optimizer(recipe)
     key = jax.random.fold_in(jax.random.PRNGKey(recipe.seed), 1)
     return apply_fn, optimizer, TrainState.create(params=params, optimizer=optimizer, key=key)
@@ -229,6 +265,7 @@ def train(
         optimizer,
         path=Linear(sigma=recipe.sigma),
         coupling=make_coupling(recipe.coupling),
+        model_dropout=recipe.dropout > 0,
         ema_decay=recipe.ema_decay,
         log_grad_norm=True,
         mesh=mesh,

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 import tensorflow_datasets as tfds
+from flax import nnx
 
 from experiments import cifar10
 from fmjax.data.tfds_sources import data_source
@@ -19,20 +20,35 @@ from fmjax.data.tfds_sources import data_source
 def test_recipe_is_torchcfms():
     r = cifar10.RECIPE
     # TorchCFM examples/images/cifar10/train_cifar10.py: UNetModelWrapper(num_res_blocks=2,
-    # num_channels=128, channel_mult=[1, 2, 2, 2], ...), lr 2e-4, grad_clip 1.0, total_steps 400001,
-    # warmup 5000, batch_size 128, ema_decay 0.9999, torch.optim.Adam defaults, sigma = 0.0, otcfm
-    assert (r.channels, r.channel_mults, r.num_res_blocks) == (128, (1, 2, 2, 2), 2)
+    # num_channels=128, channel_mult=[1, 2, 2, 2], num_heads=4, num_head_channels=64,
+    # attention_resolutions="16", dropout=0.1), lr 2e-4, grad_clip 1.0, total_steps 400001,
+    # warmup 5000, batch_size 128, ema_decay 0.9999, torch.optim.Adam defaults, sigma = 0.0, otcfm;
+    # GroupNorm32(32, channels) in guided-diffusion's normalization()
+    assert (r.channels, r.channel_mults, r.num_res_blocks, r.groups) == (128, (1, 2, 2, 2), 2, 32)
+    assert (r.attention_resolutions, r.num_heads, r.num_head_channels, r.dropout) == ((16,), 4, 64, 0.1)
     assert (r.learning_rate, r.batch_size, r.steps, r.ema_decay) == (2e-4, 128, 400_000, 0.9999)
     assert (r.warmup_steps, r.grad_clip) == (5_000, 1.0)
     assert (r.adam_b1, r.adam_b2, r.adam_eps) == (0.9, 0.999, 1e-8)
     assert (r.sigma, r.coupling, r.horizontal_flip, r.save_every) == (0.0, "exact", True, 20_000)
-    # what fmjax's UNet lacks is recorded, not silently dropped
-    assert cifar10.NOT_IN_FMJAX == {
-        "attention_resolutions": [16],
-        "num_heads": 4,
-        "num_head_channels": 64,
-        "dropout": 0.1,
-    }
+    # fmjax's UNet now has all of it (recipe.json still records what it would lack)
+    assert cifar10.NOT_IN_FMJAX == {}
+
+
+def test_recipe_model_has_attention_at_16x16_and_dropout_everywhere():
+    # the full-size model's structure, without computing its 36M initial values
+    model = nnx.eval_shape(lambda: cifar10.make_model(cifar10.RECIPE))
+    # levels of sides 32, 16, 8, 4 with 2 residual blocks each down, 3 up: attention at side 16 only
+    assert [a is not None for a in model.down_attention] == [False, False, True, True] + [False] * 4
+    up = [a is not None for a in model.up_attention]
+    assert up == [False] * 6 + [True] * 3 + [False] * 3
+    # ADM's middle block: res, attention, res; heads of 64 channels at 256 channels: 4 heads
+    attention = [model.middle_attention, *(a for a in [*model.down_attention, *model.up_attention] if a)]
+    assert {(a.num_heads, a.qkv.kernel.shape) for a in attention} == {(4, (256, 768))}
+    blocks = [*model.down, *model.middle, *model.up]
+    assert len(blocks) == 8 + 2 + 12 and {b.dropout for b in blocks} == {0.1}
+    assert model.down[0].norm1.num_groups == 32
+    # the 35.7M parameters of Ho et al.'s DDPM CIFAR-10 UNet, the architecture of TorchCFM's config
+    assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) == 35_746_307
 
 
 def test_warm_up_schedule():
@@ -90,6 +106,9 @@ def test_augment_scales_and_flips():
         ({"warmup_steps": 0}, "warmup_steps must be an int >= 1"),
         ({"grad_clip": 0.0}, "grad_clip must be > 0"),
         ({"ema_decay": 1.0}, r"ema_decay must be in \[0, 1\)"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+        ({"num_head_channels": 0}, "num_head_channels must be None or an int >= 1"),
+        ({"groups": 0}, "groups must be an int >= 1"),
     ],
 )
 def test_bad_recipe_fields_are_named(change, match):
@@ -102,6 +121,8 @@ TINY = dataclasses.replace(
     channels=8,
     channel_mults=(1, 2),  # two levels keep the compile short; the full recipe's four are checked above
     num_res_blocks=1,
+    groups=4,
+    num_head_channels=8,  # attention at 16x16 (16 channels here) in heads of 8
     batch_size=8,
     steps=4,
     warmup_steps=2,
@@ -136,7 +157,8 @@ def test_tiny_run_on_mock_cifar10_and_resume(tmp_path):
         assert (first / "samples_2.png").stat().st_size > 1000 and (first / "samples_4.png").exists()
         saved = json.loads((first / "recipe.json").read_text())
         assert saved["learning_rate"] == 2e-4 and saved["channel_mults"] == [1, 2] and saved["steps"] == 4
-        assert saved["not_in_fmjax"]["dropout"] == 0.1
+        assert saved["dropout"] == 0.1 and saved["attention_resolutions"] == [16]
+        assert saved["not_in_fmjax"] == {}
 
         # resume: a copy cut back to its step-2 checkpoint runs steps 3 and 4 again, exactly
         resumed = tmp_path / "resumed"

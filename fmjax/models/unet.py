@@ -81,7 +81,8 @@ class _AttentionBlock(nnx.Module):
     [q | k | v] = GroupNorm(x) W_qkv + b_qkv (a 1x1 projection to 3C channels, q, k and v each split
     into num_heads blocks of d channels), per head a = softmax(q k^T / sqrt(d)) v over the n positions,
     and out = x + concat_heads(a) W_o + b_o. W_o and b_o start at zero (ADM's ``zero_module``), so the
-    block starts as the identity.
+    block starts as the identity. ``jax.nn.dot_product_attention`` computes q k^T and the softmax in
+    float32 also for bfloat16 activations (as ADM's softmax in float).
     """
 
     def __init__(self, c: int, num_heads: int, groups: int, rngs: nnx.Rngs):
