@@ -137,8 +137,9 @@ def _records(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-# about 40 s of CPU (mostly compiling the UNet, its step twice and the sampler), 130 s wall on the
-# shared 2-core machine: over the default suite's budget
+# mostly compiling the UNet, its step twice and the sampler: 130 s wall on the shared 2-core machine
+# without attention and dropout, 240 s with them while two other jobs shared the cores; over the
+# default suite's budget
 @pytest.mark.slow
 def test_tiny_run_on_mock_cifar10_and_resume(tmp_path):
     with tfds.testing.mock_data(num_examples=32):

@@ -346,3 +346,46 @@ def test_train_step_without_dropout_keeps_its_random_stream():
         state, x0, x1
     )
     _assert_states_equal(new, forced)
+
+
+SHARDED_SCRIPT = """
+import json
+import jax, jax.numpy as jnp, numpy as np, optax
+from fmjax.models import UNet, functional
+from fmjax.paths import Linear
+from fmjax.training import TrainState, make_train_step
+
+apply_fn, params = functional(UNet(in_channels=1, channels=4, channel_mults=(1, 2), groups=2, dropout=0.5))
+optimizer = optax.sgd(1e-2)
+state = TrainState.create(params=params, optimizer=optimizer, key=jax.random.key(0))
+x1 = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
+x0 = jnp.zeros_like(x1)
+mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+one, m1 = make_train_step(apply_fn, optimizer, path=Linear(), donate=False)(state, x0, x1)
+two, m2 = make_train_step(apply_fn, optimizer, path=Linear(), donate=False, mesh=mesh)(state, x0, x1)
+leaves = zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params))
+diff = max(float(jnp.abs(a - b).max()) for a, b in leaves)
+loss = [float(m1["loss"]), float(m2["loss"])]
+print(json.dumps({"devices": len(jax.devices()), "loss": loss, "diff": diff}))
+"""
+
+
+# a subprocess with two host devices: about 40 s of CPU, mostly the UNet's initialisation and two compiles
+@pytest.mark.slow
+def test_sharded_step_draws_the_dropout_masks_of_the_single_device_step():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    done = subprocess.run(
+        [sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 2
+    # the masks are a function of the key and the global shape, however the batch is sharded: the
+    # same loss and update up to the order of the cross-device gradient sum
+    assert result["loss"][0] == pytest.approx(result["loss"][1], rel=1e-6)
+    assert result["diff"] < 1e-6
