@@ -3,6 +3,7 @@ mixed precision (bfloat16 activations, float32 parameters) for any such ``apply_
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -36,8 +37,8 @@ def functional(model: nnx.Module) -> tuple[Callable[..., jax.Array], Any]:
     >>> apply_fn, params = functional(MLP(dim=2, width=8, depth=1, num_classes=3))
     >>> apply_fn(params, jnp.zeros(2), jnp.ones((2, 2)), jnp.array([0, 3])).shape
     (2, 2)
-    >>> apply_fn, params = functional(UNet(channels=8, dropout=0.5))
-    >>> t, x = jnp.zeros(2), jnp.ones((2, 4, 4, 1))
+    >>> apply_fn, params = functional(UNet(channels=4, groups=2, dropout=0.5))
+    >>> t, x = jnp.zeros(2), jnp.ones((2, 8, 8, 1))
     >>> apply_fn.takes_dropout_key, bool((apply_fn(params, t, x) == apply_fn(params, t, x)).all())
     (True, True)
     >>> bool((apply_fn(params, t, x, dropout_key=jax.random.key(0)) == apply_fn(params, t, x)).all())
@@ -47,8 +48,10 @@ def functional(model: nnx.Module) -> tuple[Callable[..., jax.Array], Any]:
         raise TypeError(f"model must be a Flax NNX module, e.g. MLP(dim=2); got {type(model).__name__}")
     graphdef, state = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(state)
-    # models with a dropout rate (UNet) take dropout_key=; others refuse one
-    has_dropout = isinstance(getattr(model, "dropout", None), float)
+    # models with a dropout rate whose call takes dropout_key= (UNet); others refuse a key
+    has_dropout = isinstance(getattr(model, "dropout", None), float) and (
+        "dropout_key" in inspect.signature(type(model).__call__).parameters
+    )
     name = type(model).__name__
 
     def call(params: Any, args: tuple[Any, ...], dropout_key: jax.Array | None) -> jax.Array:

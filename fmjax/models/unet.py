@@ -150,11 +150,11 @@ class UNet(nnx.Module):
       seed: seed for the initial weights (or pass ``rngs``).
 
     >>> import jax, jax.numpy as jnp
-    >>> model = UNet(in_channels=3, channels=8, channel_mults=(1, 2), image_size=8,
-    ...              attention_resolutions=(4,), num_head_channels=8, dropout=0.1)
-    >>> x, t = jnp.ones((2, 8, 8, 3)), jnp.full(2, 0.5)
+    >>> model = UNet(channels=4, groups=2, image_size=8, attention_resolutions=(4,), num_head_channels=4,
+    ...              dropout=0.1)
+    >>> x, t = jnp.ones((2, 8, 8, 1)), jnp.full(2, 0.5)
     >>> model(t, x).shape
-    (2, 8, 8, 3)
+    (2, 8, 8, 1)
     >>> bool((model(t, x) == model(t, x)).all())  # no dropout_key: deterministic
     True
     >>> bool((model(t, x, dropout_key=jax.random.key(0)) == model(t, x)).all())  # dropout on
