@@ -139,3 +139,23 @@ def test_check_batch_refuses_integer_batches_naming_the_argument(dtype):
         check_batch("x1", x)
     with pytest.raises(TypeError, match="x0 must be a float32, float64, bfloat16 or float16 array"):
         check_pair(x, np.zeros((8, 2), jnp.bfloat16), half_precision=True)
+
+
+def test_mixed_precision_keeps_the_models_dropout():
+    apply_fn, params = functional(UNet(channels=8, channel_mults=(1,), groups=4, dropout=0.5))
+    mixed = mixed_precision(apply_fn)
+    assert mixed.takes_dropout_key is True
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+    t = jnp.array([0.25, 0.5])
+    deterministic = mixed(params, t, x)
+    a = mixed(params, t, x, dropout_key=jax.random.key(0))
+    b = mixed(params, t, x, dropout_key=jax.random.key(0))
+    c = mixed(params, t, x, dropout_key=jax.random.key(1))
+    assert a.dtype == jnp.float32
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c) and not np.array_equal(a, deterministic)
+    # the key reaches the wrapped model: bf16 of the float32 model under the same key
+    full = apply_fn(params, t, x, dropout_key=jax.random.key(0))
+    assert _relative_error(a, full) < OUTPUT_RTOL
+    assert functional(MLP(dim=2, width=8, depth=1))[0].takes_dropout_key is False
+    assert mixed_precision(functional(MLP(dim=2, width=8, depth=1))[0]).takes_dropout_key is False

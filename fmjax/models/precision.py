@@ -18,10 +18,11 @@ def mixed_precision(
 
     The wrapped function casts every floating leaf of ``params`` (integer leaves are left alone), the
     times ``t`` (shape [batch] or scalar) and the points ``x`` (shape [batch, *dims]) to ``compute_dtype``,
-    passes ``rest`` (e.g. a condition) unchanged, calls ``apply_fn`` and returns ``v`` (shape of ``x``)
-    cast to float32. Parameters, optimiser state and EMA stay float32 where they live (the train
-    state); only the activations are low precision. The casts are differentiable, so gradients
-    with respect to float32 parameters come back float32.
+    passes ``rest`` (e.g. a condition) and keyword arguments (e.g. ``dropout_key``) unchanged, calls
+    ``apply_fn`` and returns ``v`` (shape of ``x``) cast to float32; ``apply_fn.takes_dropout_key`` is
+    kept, so ``make_train_step`` still trains a model's dropout. Parameters, optimiser state and EMA
+    stay float32 where they live (the train state); only the activations are low precision. The
+    casts are differentiable, so gradients with respect to float32 parameters come back float32.
 
     bfloat16 keeps float32's exponent range with an 8-bit significand (relative rounding 2^-9), so
     outputs differ from the float32 model's by about 1% of their scale. Times in bfloat16 are
@@ -53,8 +54,11 @@ def mixed_precision(
         leaf = jnp.asarray(leaf)
         return leaf.astype(compute_dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
 
-    def mixed_apply_fn(params: Any, t: jax.Array, x: jax.Array, *rest: Any) -> jax.Array:
-        v = apply_fn(jax.tree.map(cast, params), cast(t), jnp.asarray(x).astype(compute_dtype), *rest)
+    def mixed_apply_fn(params: Any, t: jax.Array, x: jax.Array, *rest: Any, **kwargs: Any) -> jax.Array:
+        x = jnp.asarray(x).astype(compute_dtype)
+        v = apply_fn(jax.tree.map(cast, params), cast(t), x, *rest, **kwargs)
         return v.astype(jnp.float32)
 
+    if hasattr(apply_fn, "takes_dropout_key"):
+        mixed_apply_fn.takes_dropout_key = apply_fn.takes_dropout_key
     return mixed_apply_fn
