@@ -266,13 +266,16 @@ SF2M_HEADER = (
 def variance_table(results):
     """Markdown lines: the fitted variances of the stored rows against the bridge's, the minibatch
     plan's (c_B) and OT's; empty when no row holds variances."""
-    rows = [
-        (method, row)
-        for method in METHODS
-        if method in results
-        for row in results[method]["rows"]
-        if "var_ode" in row
-    ]
+    rows = sorted(
+        (
+            (method, row)
+            for method in METHODS
+            if method in results
+            for row in results[method]["rows"]
+            if "var_ode" in row
+        ),
+        key=lambda item: item[1]["dim"],
+    )
     if not rows:
         return []
     sigma = next(results[m].get("sigma", 1.0) for m, _ in rows)
