@@ -217,18 +217,18 @@ def ode_variance_ratios(seed: int, learning_rate: float = gaussian_sb.LEARNING_R
 
 # The learned marginals are those of the minibatch plans (c_B = 0.60 at d = 5, batch 256: variance
 # 1.037 / 1.049 / 1.037 / 1 at TIMES; the bridge's 1.044 / 1.059 / 1.044 / 1); the OT interpolation's
-# is 1 throughout. Seeds 0-3 (5000 steps at the default 1e-4) gave 1.031-1.050 at t = 1/2 and
-# 0.995-1.016 at t = 1; at Adam's 1e-3 (the experiment's earlier default) the flow is the OT
-# interpolation, 1.00 at every t (seed 0: 0.998 / 0.998 / 0.998 / 0.998 after 10^4 steps).
-VARIANCE_MID_LOW, VARIANCE_HIGH = 1.02, 1.07
+# is 1 throughout. Seeds 0-3 (5000 steps at the default 1e-4) gave ratios 1.032 / 1.045-1.046 /
+# 1.036-1.039 / 1.004-1.012; at Adam's 1e-3 (the experiment's earlier default) the flow stays on the OT
+# interpolation: 1.002 / 1.003 / 1.003 / 1.002 (seed 0).
+VARIANCE_MID_LOW, VARIANCE_INTERIOR_LOW, VARIANCE_HIGH = 1.03, 1.02, 1.065
 
 
 @pytest.mark.parametrize("seed", [0])
 def test_experiment_flow_has_the_interior_spread_of_the_bridge(seed):
     ratios = ode_variance_ratios(seed)
     assert VARIANCE_MID_LOW < ratios[1] < VARIANCE_HIGH, ratios
-    assert all(0.98 < r < VARIANCE_HIGH for r in ratios), ratios
-    assert abs(ratios[-1] - 1) < 0.03, ratios
+    assert all(VARIANCE_INTERIOR_LOW < r < VARIANCE_HIGH for r in ratios[:-1]), ratios
+    assert abs(ratios[-1] - 1) < 0.025, ratios
 
 
 @pytest.mark.slow
