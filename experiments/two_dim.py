@@ -136,10 +136,11 @@ Where we differ:
 The authors' own protocol (TorchCFM's runner: fixed 10k/1k/1k sets of its data, 1,000 epochs, the
 checkpoint with the lowest validation loss, 1,000 test points) runs with `python -m experiments.two_dim
 --protocol paper`; its table, with [SF]²M-Exact and [SF]²M-I, is [two_dim_paper.md](two_dim_paper.md)
-(2 seeds so far). There six of the eight published means (all of OT-CFM's) turn out to lie below the
-W2 between two samples of the runner's own data (N -> 8gaussians 0.48-0.52, N -> moons 0.198, N ->
-scurve 0.230), so they were not measured on the data its configs now define; fmjax's OT-CFM reaches
-that floor on N -> 8gaussians and comes within 0.02-0.06 of it on N -> moons and N -> scurve.
+(5 seeds; SB-CFM 1 seed on moons -> 8gaussians). There six of the eight published means (all of
+OT-CFM's) turn out to lie below the W2 between two samples of the runner's own data (N -> 8gaussians
+0.47-0.56, N -> moons 0.198, N -> scurve 0.230), so they were not measured on the data its configs now
+define; fmjax's OT-CFM comes within 0.02-0.07 of that floor on average over the seeds on the three tasks
+from N(0, I).
 """
 
 
@@ -675,9 +676,16 @@ PAPER_COMMANDS = [
     "python -m experiments.two_dim --protocol paper --seeds 2 --methods I-CFM,FM,OT-CFM,SF2M-Exact,SF2M-I"
     "  # stopped after OT-CFM's seed 43",
     "python -m experiments.two_dim --protocol paper --seeds 2 --methods SF2M-I",
+    "python -m experiments.two_dim --protocol paper --methods I-CFM,FM,SF2M-I",
+    "python -m experiments.two_dim --protocol paper --methods OT-CFM,SF2M-Exact",
+    "python -m experiments.two_dim --protocol paper --methods SB-CFM"
+    "  # stopped after moons -> 8gaussians, seed 42",
+    "python -m experiments.two_dim --protocol paper --methods SB-CFM"
+    " --tasks 'N -> 8gaussians,N -> moons,N -> scurve'",
 ]
 PAPER_MACHINE = (
-    "a 2-core x86-64 CPU shared with other jobs (load average 6-12 during the runs), no GPU; jax CPU backend"
+    "a 2-core x86-64 CPU shared with other jobs, no GPU; jax CPU backend. The first three commands ran "
+    "under a load average of 6-12, the last four pinned to one core (taskset -c 1) beside other work"
 )
 
 PAPER_NOTES = """
@@ -690,22 +698,17 @@ the last raw parameters and of their EMA (decay 0.999), [SF]²M's SDE, the selec
 time per run. The second table: the W2 between the test targets and as many training points, two
 samples of the task's distribution; a perfect sampler scores this, up to sampling noise.
 
-What was run (52 minutes in the 34 logged runs, about 60 with an interrupted run and checks, on a
-2-core x86-64 CPU shared with other jobs, load average 6-12, no GPU):
+What was run (the commands are in two_dim_paper.json; the log resumes, only missing runs train): 5 seeds
+of OT-CFM, I-CFM, FM, [SF]²M-Exact and [SF]²M-I on every task they apply to; SB-CFM 5 seeds on the three
+tasks from N(0, I) and 1 seed (42) on moons -> 8gaussians. That one SB-CFM run took 31 minutes on one
+core: a step's Sinkhorn at the absolute epsilon = 2 on the DSB toy data (2.4-3.1 times the others'
+scale, so larger costs against the same epsilon) took 97 ms against 4-6 ms on the other tasks, so the
+4 missing seeds are about 2 more hours of this CPU:
 
-    python -m experiments.two_dim --protocol paper --seeds 1 --methods I-CFM,FM,OT-CFM,SF2M-Exact,SF2M-I
-    python -m experiments.two_dim --protocol paper --seeds 2 --methods I-CFM,FM,OT-CFM,SF2M-Exact,SF2M-I
-        (stopped after OT-CFM's seed 43, in [SF]²M-Exact's first run of that seed)
-    python -m experiments.two_dim --protocol paper --seeds 2 --methods SF2M-I
+    python -m experiments.two_dim --protocol paper --methods SB-CFM
 
-so OT-CFM, I-CFM, FM and [SF]²M-I have seeds 42 and 43, [SF]²M-Exact seed 42 only, and SB-CFM none.
-The rest of the protocol (5 seeds of all six methods; the log resumes, only missing runs train):
-
-    python -m experiments.two_dim --protocol paper
-
-On this machine an OT-CFM or [SF]²M-Exact run takes 2-6 minutes (an exact 512 x 512 assignment per
-step), an SB-CFM run about 8 (Sinkhorn at epsilon = 2 per step), the others under a minute: about
-5 hours for the rest.
+Pinned to one core, an OT-CFM or [SF]²M-Exact run takes 80-115 s (an exact 512 x 512 assignment per
+step), SB-CFM on the N(0, I) tasks 71-113 s, the others 9-20 s.
 
 Settings: 1,000 epochs of 10,000 training points in batches of 512 (20,000 steps; moons -> 8gaussians
 19,000), AdamW (lr 1e-3, weight decay 1e-5), a 3x64 SELU MLP (two for [SF]²M: flow and score),
@@ -718,39 +721,45 @@ trained with make_train_step(loss="sf2m"), sampled by its flow (ODE) and by
 fmjax.sample_sde(fmjax.sf2m_drift(...), sigma) (SDE, 100 Euler-Maruyama steps).
 
 Where we are above the published means, and why:
-- The data. Six of the eight published means lie below the floor of the runner's own data: on N ->
-  8gaussians the test points are W2 0.48-0.52 from 1,000 training points of the same distribution,
-  against a published 0.303 (OT-CFM) and 0.373 (I-CFM); on N -> moons 0.198 against 0.130 and 0.178;
-  on N -> scurve 0.230 against OT-CFM's 0.144 (I-CFM's 0.242 is just above it); on moons -> 8gaussians
-  1.22-1.29 (512 points) against OT-CFM's 0.601 (I-CFM's 1.557 is above it). No sampler reaches those
-  six on this data, so they were not measured on what the runner's configs now define. Smaller data
-  comes closer: torchdyn's older generate_gaussians put the 8 components on the unit circle (it
-  ignored radius=5; two 1,000-point samples of that are about 0.23 apart), and without the runner's
-  scale factors (moons x 2, s-curve x 1.5) the floors would be 0.099 and 0.15 (W2 scales with the
-  data). The comparison that carries over is against the floor: OT-CFM's selected models are at it on
-  N -> 8gaussians (0.475 ± 0.009 against 0.50) and within 0.02-0.06 of it on N -> moons and N ->
-  scurve; on moons -> 8gaussians 0.16 above on average (1.42 ± 0.17 against 1.26: seed 43 at the
-  floor, seed 42 0.32 above). I-CFM's and FM's EMA parameters are at the floor or within 0.05 of it on
-  the three tasks from N(0, I) (I-CFM 0.13 above on moons -> 8gaussians); their selected models are up
-  to 0.14 above it there.
+- The data. Six of the eight published means lie below the floor of the runner's own data, so no
+  sampler reaches them on what the runner's configs now define: on N -> 8gaussians the test points are
+  W2 0.47-0.56 (5 seeds) from 1,000 training points of the same distribution, against a published 0.303
+  (OT-CFM) and 0.373 (I-CFM); on N -> moons 0.198 against 0.130 and 0.178; on N -> scurve 0.230 against
+  OT-CFM's 0.144 (I-CFM's 0.242 is just above it); on moons -> 8gaussians 1.22-1.96 (512 points;
+  the runner leaves this pair's data unseeded, fmjax draws it from the run seed, so it changes with the
+  seed) against OT-CFM's 0.601 (I-CFM's 1.557 is inside that range). Smaller data comes closer:
+  torchdyn's older generate_gaussians put the 8 components on the unit circle (it ignored radius=5;
+  two 1,000-point samples of that are about 0.23 apart), and without the runner's scale factors (moons
+  x 2, s-curve x 1.5) the floors would be 0.099 and 0.15 (W2 scales with the data).
+- Against the floor, seed by seed (W2 of the selected model minus its seed's floor, mean and range over
+  5 seeds): OT-CFM +0.051 [-0.040, +0.156] on N -> 8gaussians, +0.071 [+0.034, +0.114] on N -> moons,
+  +0.017 [-0.044, +0.123] on N -> scurve, +0.216 [-0.190, +0.857] on moons -> 8gaussians; [SF]²M-Exact
+  +0.084, +0.050, +0.041, +0.248 on the same tasks. On moons -> 8gaussians one seed (46) is 0.84-0.86
+  above its floor for both exact-coupling methods (its last raw parameters too: 2.37 against 1.68), the
+  other four within -0.19 and +0.09; a 512-point floor of that data is itself uncertain by about 0.1.
+  I-CFM's and FM's selected models are +0.05 to +0.13 above the floor on the N(0, I) tasks (I-CFM +0.57
+  on moons -> 8gaussians); their EMA parameters +0.01 to +0.05 (I-CFM +0.09).
 - The model selection. The runner tests the checkpoint with the lowest validation loss, and that loss
   (CFM's regression loss on 1,000 points, fresh noise and times) is dominated by its own sampling
-  noise: the selected epochs range from 140 to 970, and the selected model is sometimes better,
-  sometimes worse than the last parameters (OT-CFM: 0.475 against 0.455 on N -> 8gaussians, 1.417
-  against 1.544 on moons -> 8gaussians). For I-CFM and FM, whose last raw parameters move from step
-  to step (lr 1e-3 to the end), the EMA parameters are better than both: I-CFM 0.450 (EMA) against
-  0.638 (selected) on N -> 8gaussians, 1.389 against 1.940 on moons -> 8gaussians. The paper protocol
-  uses the raw parameters; the EMA column shows what fmjax's default evaluation gives.
-- Seeds. Two seeds of each method (one of [SF]²M-Exact) give the order of the spread, not the spread:
-  the two seeds of a cell differ by 0.01-0.1 on most cells and by up to 0.6 (I-CFM, moons ->
-  8gaussians). The project quotes the published means with their NPE, not their standard deviations,
-  so whether I-CFM and FM fall inside the published spread cannot be checked here.
+  noise: the selected epochs range from 130 to 1000, and the selected model is sometimes better,
+  sometimes worse than the last parameters. For I-CFM, FM and [SF]²M-I, whose last raw parameters move
+  from step to step (lr 1e-3 to the end), the EMA parameters are better than both: I-CFM 0.525 (EMA)
+  against 0.635 (selected) on N -> 8gaussians, 1.623 against 2.103 on moons -> 8gaussians. The paper
+  protocol uses the raw parameters; the EMA column shows what fmjax's default evaluation gives.
+- Seeds. With 5 seeds the spread of a cell is 0.03-0.08 on the N(0, I) tasks and 0.4-0.5 on moons ->
+  8gaussians, where the data changes with the seed. The project quotes the published means with their
+  NPE, not their standard deviations, so whether I-CFM and FM fall inside the published spread cannot be
+  checked here; I-CFM's means are 0.06-0.55 above the published ones.
 - Straightness agrees with the paper: OT-CFM's and [SF]²M-Exact's paths are close to straight (NPE
-  0.003-0.08, dopri5 43-49 evaluations), I-CFM's, FM's and [SF]²M-I's are not (NPE 0.2-2.5, 67-169
-  evaluations).
-- [SF]²M-Exact's flow matches OT-CFM's within the seed and selection noise (its last raw parameters:
-  0.428, 1.599, 0.205, 0.204 against OT-CFM's 0.455, 1.544, 0.251, 0.221), as a small sigma should;
-  its SDE is 0.016-0.021 above its ODE at 100 Euler-Maruyama steps.
+  0.01-0.14, dopri5 43-49 evaluations), SB-CFM's nearly so (NPE 0.03-0.09, 43-109 evaluations),
+  I-CFM's, FM's and [SF]²M-I's are not (NPE 0.2-2.6, 68-159 evaluations).
+- [SF]²M-Exact's flow matches OT-CFM's within the seed and selection noise, as a small sigma should
+  (selected models 0.586 / 1.778 / 0.249 / 0.272 against OT-CFM's 0.553 / 1.746 / 0.269 / 0.247; last
+  EMA 0.531 / 1.758 / 0.237 / 0.229 against 0.530 / 1.759 / 0.243 / 0.235); its SDE is 0.001-0.008 above
+  its ODE at 100 Euler-Maruyama steps.
+- SB-CFM (sigma = 1: entropic OT at epsilon = 2 and a noisy path): its selected models are +0.084,
+  +0.135 and +0.033 above the floor on N -> 8gaussians, N -> moons and N -> scurve (EMA +0.030, +0.057,
+  +0.019), and +0.36 on moons -> 8gaussians (one seed).
 
 Where we differ from the runner: numpy draws the data (torchdyn's gaussians use torch's generator,
 so the points differ, not their distribution); moons -> 8gaussians is seeded with the run seed (the
