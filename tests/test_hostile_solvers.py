@@ -7,7 +7,6 @@ host callback never raises; mismatched batches and bad hyperparameters are named
 
 import json
 import math
-import os
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import ot
 import pytest
+from _host_devices import run_json
 from jax.sharding import Mesh
 
 import fmjax.couplings as couplings_module
@@ -640,16 +640,7 @@ def test_mesh_wrappers_report_the_inner_status_on_one_device(wrap):
 
 @pytest.mark.slow  # ~35 s: a subprocess with 8 host devices
 def test_mesh_wrappers_reduce_the_status_over_devices():
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(_MESH_CHECK)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = run_json("-c", textwrap.dedent(_MESH_CHECK))
     for wrap in ("PerShard", "GlobalBatch"):
         assert out[f"{wrap}/independent"] == [True, 0.0, "float32", []]
         assert out[f"{wrap}/exact"] == [True, 0.0, "float32", []]

@@ -3,8 +3,6 @@ a 1-reflow model straighter and better at one Euler step than its teacher."""
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 import zipfile
 
@@ -13,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
+from _host_devices import run_json
 from jax.sharding import Mesh
 
 from fmjax._straightness import crossing_fraction, straightness
@@ -118,12 +117,7 @@ SHARDED = textwrap.dedent(
 
 
 def test_sharded_pairs_equal_unsharded():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    done = subprocess.run(
-        [sys.executable, "-c", SHARDED], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = run_json("-c", SHARDED, devices=4, timeout=300)
     assert out["devices"] == 4
     # same rows and steps: only the order of reductions in the model (and the error norm) differs
     assert out["fixed_diff"] < 1e-6

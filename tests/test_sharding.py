@@ -1,27 +1,16 @@
 """Data-parallel training over 8 host devices equals the single-device step (run in a subprocess)."""
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
+from _host_devices import run_json
 
 HERE = os.path.dirname(__file__)
 
 
 @pytest.fixture(scope="module")
 def results():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    done = subprocess.run(
-        [sys.executable, os.path.join(HERE, "sharded_checks.py")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_json(os.path.join(HERE, "sharded_checks.py"), devices=8)
 
 
 def test_eight_devices(results):

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _host_devices import run_json
 from flax import nnx
 
 from fmjax.losses import cfm_loss
@@ -373,17 +374,7 @@ print(json.dumps({"devices": len(jax.devices()), "loss": loss, "diff": diff}))
 # a subprocess with two host devices: about 40 s of CPU, mostly the UNet's initialisation and two compiles
 @pytest.mark.slow
 def test_sharded_step_draws_the_dropout_masks_of_the_single_device_step():
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    done = subprocess.run(
-        [sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True, env=env, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_json("-c", SHARDED_SCRIPT, devices=2)
     assert result["devices"] == 2
     # the masks are a function of the key and the global shape, however the batch is sharded: the
     # same loss and update up to the order of the cross-device gradient sum
