@@ -71,6 +71,27 @@ def test_ou_from_a_point_mass_reaches_its_gaussian(ou):
     assert abs(float(jnp.corrcoef(x1[:, 0], x1[:, 1])[0, 1])) < 4 / math.sqrt(PATHS[0])
 
 
+def test_any_time_window_reaches_the_gaussian_of_its_length():
+    """The OU process is time-homogeneous: on [0.5, 2.5] from a it reaches N(a e^-2, 1 - e^-4), and
+    a saved trajectory is stamped with the window's grid."""
+    result = sample_sde(
+        ou_drift,
+        SQRT2,
+        jnp.full(PATHS, A),
+        key=KEY,
+        solver="shark",
+        steps=32,
+        t0=0.5,
+        t1=2.5,
+        save_trajectory=True,
+    )
+    x1, n = result.x1, result.x1.size
+    mean, var = A * math.exp(-2), 1 - math.exp(-4)
+    assert abs(float(jnp.mean(x1)) - mean) < 4 * math.sqrt(var / n)
+    assert abs(float(jnp.var(x1)) - var) < 4 * var * math.sqrt(2 / n)
+    np.testing.assert_allclose(result.trajectory.ts, np.linspace(0.5, 2.5, 33), rtol=1e-6)
+
+
 def test_euler_maruyama_trajectory_has_its_exact_discrete_moments(ou):
     """At every grid time t_k = k h the EM iterates have mean a (1-h)^k and the variance of the
     recursion v_{k+1} = (1-h)^2 v_k + 2h (4 Monte-Carlo standard errors)."""
@@ -193,7 +214,9 @@ def test_bad_arguments_name_the_argument():
         (ValueError, "steps must be >= 1", dict(steps=0)),
         (TypeError, "steps must be an int", dict(steps=8.0)),
         (ValueError, "t1 must be > t0", dict(t0=0.5, t1=0.5)),
-        (ValueError, "t1 must be <= 1", dict(t1=2.0)),
+        (ValueError, "t1 must be > t0", dict(t0=1.0, t1=0.0)),
+        (ValueError, "t1 must be finite", dict(t1=float("inf"))),
+        (TypeError, "t0 must be a real number", dict(t0="0")),
         (TypeError, "save_trajectory must be True or False", dict(save_trajectory="yes")),
         (ValueError, r"drift\(t, x\) must return shape", dict(drift=lambda t, x: x[:, :1])),
         (
