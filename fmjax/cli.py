@@ -240,7 +240,19 @@ def _add_train(sub) -> None:
         help="distribution of the training times t: uniform on [0, 1], or logit-normal (sigmoid of N(0, 1))",
     )
     p.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW's (0: Adam)")
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=defaults.warmup_steps,
+        help="linear warm-up of the learning rate from 0 over this many steps (0: none)",
+    )
+    p.add_argument(
+        "--grad-clip",
+        type=float,
+        default=defaults.grad_clip,
+        help="clip the gradient to this global L2 norm before the optimiser (default: no clip)",
+    )
     p.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--eval-samples", type=int, default=defaults.eval_samples)

@@ -66,7 +66,7 @@ def build(config) -> tuple[Callable, optax.GradientTransformation, TrainState]:
             f"(multiples of 8 do); got {config.width} ({reason})"
         ) from None
     apply_fn, params = functional(model)
-    optimizer = optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = config.make_optimizer()
     key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
     return apply_fn, optimizer, TrainState.create(params=params, optimizer=optimizer, key=key)
 

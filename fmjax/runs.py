@@ -117,6 +117,8 @@ class RunConfig:
     activation: str = "selu"
     learning_rate: float = 1e-3
     weight_decay: float = 1e-5
+    warmup_steps: int = 0
+    grad_clip: float | None = None
     ema_decay: float = 0.999
     seed: int = 0
     eval_samples: int = 5_000
@@ -199,6 +201,9 @@ class RunConfig:
             )
         check_real("learning_rate", self.learning_rate, low=0.0, low_inclusive=False)
         check_real("weight_decay", self.weight_decay, low=0.0)
+        check_int("warmup_steps", self.warmup_steps, low=0)
+        if self.grad_clip is not None:
+            check_real("grad_clip", self.grad_clip, low=0.0, low_inclusive=False)
         check_real("ema_decay", self.ema_decay, low=0.0, high=1.0, high_inclusive=False)
         if self.sigma is None and self.path in SIGMA_PATHS:
             object.__setattr__(self, "sigma", DEFAULT_SIGMA if self.dataset is None else DEFAULT_SIGMA_IMAGES)
@@ -232,6 +237,32 @@ class RunConfig:
                 "or --source gaussian"
             )
         return notes
+
+    def make_optimizer(self) -> optax.GradientTransformation:
+        """AdamW at ``learning_rate`` with ``weight_decay``, after a warm-up and a gradient clip if set.
+
+        The update of step k (k updates done before it, k = 0, 1, ...) uses the learning rate
+        ``learning_rate * min(k, warmup_steps) / warmup_steps`` (a linear warm-up from 0, PyTorch's
+        ``LambdaLR(lambda k: min(k, W) / W)`` as Tong et al.'s CIFAR-10 recipe uses it), then
+        ``learning_rate``; with ``grad_clip`` the gradient g is first scaled to
+        ``g * min(1, grad_clip / ||g||)`` (global L2 norm over all parameters). The logged ``grad_norm``
+        is ``||g||`` before the clip. ``weight_decay=0`` is plain Adam. With neither warm-up nor clip
+        the optimiser (and its state) is ``optax.adamw(learning_rate, weight_decay=weight_decay)``.
+
+        >>> import jax.numpy as jnp
+        >>> opt = RunConfig(warmup_steps=4, grad_clip=1.0).make_optimizer()
+        >>> params = {"w": jnp.ones(3)}
+        >>> updates, _ = opt.update({"w": jnp.full(3, 5.0)}, opt.init(params), params)
+        >>> updates["w"].tolist()  # the first update's learning rate is 0
+        [0.0, 0.0, 0.0]
+        """
+        learning_rate = self.learning_rate
+        if self.warmup_steps:
+            learning_rate = optax.linear_schedule(0.0, self.learning_rate, self.warmup_steps)
+        optimizer = optax.adamw(learning_rate, weight_decay=self.weight_decay)
+        if self.grad_clip is not None:
+            optimizer = optax.chain(optax.clip_by_global_norm(self.grad_clip), optimizer)
+        return optimizer
 
     def make_coupling(self):
         """The coupling; SB-CFM's entropic coupling takes the path's sigma.
@@ -319,7 +350,7 @@ class Run:
                 seed=config.seed,
             )
             apply_fn, params = functional(model)
-            optimizer = optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
+            optimizer = config.make_optimizer()
             key = jax.random.PRNGKey(config.seed)
             state = TrainState.create(params=params, optimizer=optimizer, key=jax.random.fold_in(key, 1))
         if config.precision == "bf16":
