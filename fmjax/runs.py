@@ -253,8 +253,8 @@ class RunConfig:
         >>> opt = RunConfig(warmup_steps=4, grad_clip=1.0).make_optimizer()
         >>> params = {"w": jnp.ones(3)}
         >>> updates, _ = opt.update({"w": jnp.full(3, 5.0)}, opt.init(params), params)
-        >>> updates["w"].tolist()  # the first update's learning rate is 0
-        [0.0, 0.0, 0.0]
+        >>> bool((updates["w"] == 0).all())  # the first update's learning rate is 0
+        True
         """
         learning_rate = self.learning_rate
         if self.warmup_steps:
