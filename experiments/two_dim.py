@@ -53,6 +53,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -173,6 +174,7 @@ def run_one(task: str, method: str, seed: int, *, steps: int, batch_size: int, e
         keep_checkpoints=1,
         **METHODS[method],
     )
+    print(f"[{method} | {task} | seed {seed}] training {steps} steps", file=sys.stderr, flush=True)
     start = time.perf_counter()
     run = train(config, os.path.join(work, f"{method}-{source}-{target}-{seed}"))
     jax.block_until_ready(run.state.params)
@@ -239,6 +241,7 @@ PAPER_SPLIT = (
     1_000,
 )  # train_val_test_split of datamodule/{gaussians,moons,scurve,twodim}.yaml
 PAPER_SEEDS = (42, 43, 44, 45, 46)  # scripts/two-dim-cfm.sh: seed=42,43,44,45,46
+PROGRESS_SECONDS = 30.0  # a paper run says where it is at most this often (at its validations)
 SPLIT_SEED = 42  # random_split(..., generator=torch.Generator().manual_seed(42)) for every run
 SKLEARN_SEED = 42  # SKLearnDataModule's seed: the configs leave it at 42, whatever the run's seed
 
@@ -507,7 +510,9 @@ def paper_run(task: str, method: str, seed: int, settings: PaperSettings) -> dic
         lambda p, key, x0, x1: loss_fn(apply_fn, p, key, x0, x1, path=path, coupling=val_coupling)[0]
     )
     best = {"loss": math.inf, "params": None, "epoch": 0}
-    start = time.perf_counter()
+    start = shown = time.perf_counter()
+    say = lambda text: print(f"[{method} | {task} | seed {seed}] {text}", file=sys.stderr, flush=True)  # noqa: E731
+    say(f"training {settings.epochs} epochs of {dataset.steps_per_epoch()} steps")
     for epoch in range(settings.epochs):
         for x0, x1 in dataset.epoch(epoch):
             state, _ = step(state, x0, x1)
@@ -522,6 +527,12 @@ def paper_run(task: str, method: str, seed: int, settings: PaperSettings) -> dic
                 count += len(x1)
             if total / count < best["loss"]:  # ModelCheckpoint(monitor="val/loss", mode="min")
                 best = {"loss": total / count, "params": jax.device_get(state.params), "epoch": epoch + 1}
+            if time.perf_counter() - shown > PROGRESS_SECONDS:
+                shown = time.perf_counter()
+                say(
+                    f"epoch {epoch + 1}/{settings.epochs}: val loss {total / count:.4f} (best "
+                    f"{best['loss']:.4f} at epoch {best['epoch']}), {shown - start:.0f} s"
+                )
     jax.block_until_ready(state.params)
     train_seconds = time.perf_counter() - start
 

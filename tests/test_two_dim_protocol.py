@@ -278,8 +278,12 @@ def test_fixed_dataset_epochs_like_a_shuffling_loader():
     assert not np.array_equal(pairs[0][0], -pairs[0][1])
 
 
-def test_paper_quick_run_learns_and_resumes(tmp_path):
+def test_paper_quick_run_learns_and_resumes(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(two_dim, "PROGRESS_SECONDS", 0.0)  # a line at every validation
     records = two_dim.main(["--protocol", "paper", "--quick", "--out", str(tmp_path)])
+    progress = capsys.readouterr().err
+    assert "[OT-CFM | N -> moons | seed 42] training 20 epochs of 8 steps" in progress
+    assert "[SF2M-Exact | N -> moons | seed 42] epoch 20/20: val loss" in progress
     assert sorted(r["method"] for r in records) == ["OT-CFM", "SF2M-Exact"]
     for r in records:
         assert r["steps"] == 20 * 8 and r["best_epoch"] in (5, 10, 15, 20)
@@ -306,6 +310,7 @@ def test_paper_quick_run_learns_and_resumes(tmp_path):
     again = two_dim.main(
         ["--protocol", "paper", "--quick", "--out", str(tmp_path)]
     )  # all logged: no training
+    assert "training" not in capsys.readouterr().err
     assert [json.dumps(r) for r in again] == [json.dumps(r) for r in records]
     assert len((tmp_path / "two_dim_paper_runs.jsonl").read_text().splitlines()) == 2
 
