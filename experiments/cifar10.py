@@ -29,9 +29,9 @@ The loop is fmjax's pieces: ``make_train_step`` (jitted; data-parallel over all 
 there are several), ``fmjax.data.sources.ImageSource`` on ``data_source("cifar10")`` (a step's
 images are a function of the step alone), and ``fmjax.checkpoint.Checkpointer`` (orbax). Run again
 with the same ``--out`` to resume from the newest checkpoint that reads back; the steps after it are
-repeated exactly (same images, flips, noise and times). ``fmjax.runs.RunConfig`` has the optimiser
-(``weight_decay=0``, ``warmup_steps``, ``grad_clip``) but not the flips or the UNet's num_res_blocks,
-attention and dropout, hence this loop.
+repeated exactly (same images, flips, noise and times). ``fmjax train`` can also express the model,
+optimiser and flips (the README gives the command); it dequantises the images, which this recipe, as
+TorchCFM's, does not.
 
 On a machine with the data (tfds's ``cifar10`` prepared under ``--data-dir``; the first use downloads
 it) and an accelerator:

@@ -254,6 +254,39 @@ def _add_train(sub) -> None:
         help="clip the gradient to this global L2 norm before the optimiser (default: no clip)",
     )
     p.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
+    image = "image runs: the UNet's"
+    p.add_argument(
+        "--channel-mults",
+        type=_int_list,
+        default=None,
+        help=f"{image} channel multiplier per level, e.g. 1,2,2,2 (default: digits 1,2; mnist 1,2,2; "
+        "cifar10 1,2,2,2)",
+    )
+    p.add_argument("--num-res-blocks", type=int, default=None, help=f"{image} residual blocks per level (1)")
+    p.add_argument("--groups", type=int, default=None, help=f"{image} GroupNorm groups (8)")
+    p.add_argument(
+        "--attention-resolutions",
+        type=_int_list,
+        default=None,
+        help=f"{image} feature-map sides with self-attention, e.g. 16 (default: none)",
+    )
+    p.add_argument("--num-heads", type=int, default=None, help=f"{image} attention heads (4)")
+    p.add_argument(
+        "--num-head-channels",
+        type=int,
+        default=None,
+        help=f"{image} channels per attention head (replaces --num-heads; default unset)",
+    )
+    p.add_argument(
+        "--dropout", type=float, default=None, help=f"{image} residual blocks' dropout (training only; 0)"
+    )
+    p.add_argument(
+        "--hflip",
+        action="store_const",
+        const=True,
+        default=None,
+        help="image runs: flip each training image left-right with probability 1/2",
+    )
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--eval-samples", type=int, default=defaults.eval_samples)
     p.add_argument(
@@ -353,6 +386,15 @@ def _add_train(sub) -> None:
 
 
 _TOY_ONLY = ("source", "target", "depth", "activation")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    """``"1,2,2,2"`` -> (1, 2, 2, 2); ``""`` -> () (argparse reports a ValueError as an invalid value)."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        message = f"must be comma-separated integers, e.g. 1,2,2,2; got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
 
 
 def _config_from_args(args):

@@ -41,29 +41,38 @@ def image_shape(config) -> tuple[int, int, int]:
     return {"digits": (8, 8, 1), "mnist": (28, 28, 1), "cifar10": (32, 32, 3)}[config.dataset]
 
 
-def _mults(config) -> tuple[int, ...]:
-    return {"digits": (1, 2), "mnist": (1, 2, 2), "cifar10": (1, 2, 2, 2)}[config.dataset]
-
-
 def build(config) -> tuple[Callable, optax.GradientTransformation, TrainState]:
     """UNet apply_fn, optimiser and initial state of an image run.
 
-    Raises ValueError naming ``width`` when the UNet cannot be built with it (its GroupNorms need channel
-    counts that 8 groups divide: multiples of 8 always do).
+    Raises ValueError naming ``width`` (and the UNet's reason) when the UNet cannot be built with the
+    configuration's fields: its GroupNorms need channel counts that ``groups`` divides (multiples of 8
+    do for the default 8 groups), an attention resolution must be a level's side, heads must divide
+    the channels.
     """
+    shape = image_shape(config)
     try:
         model = UNet(
-            in_channels=image_shape(config)[-1],
+            in_channels=shape[-1],
             channels=config.width,
-            channel_mults=_mults(config),
+            channel_mults=config.channel_mults,
+            num_res_blocks=config.num_res_blocks,
+            groups=config.groups,
+            image_size=shape[0] if config.attention_resolutions else None,
+            attention_resolutions=config.attention_resolutions,
+            num_heads=config.num_heads,
+            num_head_channels=config.num_head_channels,
+            dropout=config.dropout,
             num_classes=config.num_classes,
             seed=config.seed,
         )
     except ValueError as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        ints = lambda values: ",".join(map(str, values))  # noqa: E731
+        attention = config.attention_resolutions
         raise ValueError(
-            f"width must make a UNet for {config.dataset!r} whose GroupNorms divide their channels "
-            f"(multiples of 8 do); got {config.width} ({reason})"
+            f"width {config.width}, channel_mults {ints(config.channel_mults)}, groups {config.groups}"
+            + (f", attention_resolutions {ints(attention)}" if attention else "")
+            + f" cannot make a UNet for {config.dataset!r} ({shape[0]}x{shape[1]} images): {reason}"
         ) from None
     apply_fn, params = functional(model)
     optimizer = config.make_optimizer()

@@ -80,6 +80,19 @@ NONFINITE_POLICIES = ("stop", "skip")
 PRECISIONS = ("float32", "bf16")
 DATASET_NUM_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10}
 LABEL_AWARE_COUPLINGS = ("exact", "sinkhorn", "sb")
+DATASET_CHANNEL_MULTS = {"digits": (1, 2), "mnist": (1, 2, 2), "cifar10": (1, 2, 2, 2)}
+# The UNet and augmentation fields of an image run, with their defaults (None in a 2D run's config).
+# num_head_channels None: heads of channels / num_heads.
+IMAGE_DEFAULTS: dict[str, Any] = {
+    "channel_mults": None,  # the dataset's: DATASET_CHANNEL_MULTS
+    "num_res_blocks": 1,
+    "groups": 8,
+    "attention_resolutions": (),
+    "num_heads": 4,
+    "num_head_channels": None,
+    "dropout": 0.0,
+    "hflip": False,
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -97,6 +110,13 @@ class RunConfig:
     ``cond_dropout=p`` each label is replaced by the null class with probability p, so the same model
     is also unconditional and can be sampled with classifier-free guidance. ``by_label=True`` makes
     the OT coupling (exact, sinkhorn, sb) pair only within a class.
+
+    Image runs (``dataset``) train ``fmjax.models.UNet(channels=width, channel_mults, num_res_blocks,
+    groups, attention_resolutions, num_heads, num_head_channels, dropout)`` on the dataset's images; left
+    None, these take ``IMAGE_DEFAULTS`` (channel_mults: (1, 2) digits, (1, 2, 2) mnist, (1, 2, 2, 2)
+    cifar10) and are recorded with their values. ``dropout`` acts in the training step only (a fresh key
+    per step); ``hflip=True`` flips each training image left-right with probability 1/2. A 2D run leaves
+    them None.
 
     Reflow runs (``pairs``, written by ``fmjax reflow`` / ``prepare_reflow``): the model trains on the
     stored (x0, x1) pairs of a ``.npz`` file (``fmjax.data.pairs``; a path relative to the run
@@ -134,6 +154,14 @@ class RunConfig:
     by_label: bool = False
     pairs: str | None = None
     time_sampler: str = "uniform"
+    channel_mults: tuple[int, ...] | None = None
+    num_res_blocks: int | None = None
+    groups: int | None = None
+    attention_resolutions: tuple[int, ...] | None = None
+    num_heads: int | None = None
+    num_head_channels: int | None = None
+    dropout: float | None = None
+    hflip: bool | None = None
 
     def __post_init__(self):
         if self.dataset is not None:
@@ -141,6 +169,14 @@ class RunConfig:
             # the 2D fields mean nothing to an image run (noise -> images, a UNet): not recorded
             for name in ("source", "target", "depth", "activation"):
                 object.__setattr__(self, name, None)
+            self._check_image_fields()
+        else:
+            for name in IMAGE_DEFAULTS:
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{name} is for image runs only (it needs a dataset; a 2D run trains an MLP); "
+                        f"got {getattr(self, name)!r}"
+                    )
         check_choice("time_sampler", self.time_sampler, TIME_SAMPLERS)
         if self.path is None:
             object.__setattr__(self, "path", "linear" if self.dataset is None else "condot")
@@ -213,6 +249,28 @@ class RunConfig:
                 "coupling 'sb' needs a path with sigma > 0 (its epsilon is 2 sigma^2); "
                 f"got path {self.path!r} with sigma {self.sigma!r}"
             )
+
+    def _check_image_fields(self) -> None:
+        """Fill an image run's unset UNet and augmentation fields with their defaults; check them."""
+        defaults = {**IMAGE_DEFAULTS, "channel_mults": DATASET_CHANNEL_MULTS[self.dataset]}
+        for name, default in defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
+        for name in ("channel_mults", "attention_resolutions"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not isinstance(value, tuple | list):
+                raise TypeError(f"{name} must be a tuple of ints; got {value!r}")
+            value = tuple(check_int(f"{name}[{k}]", v, low=1) for k, v in enumerate(value))
+            object.__setattr__(self, name, value)  # a list from config.json compares equal as a tuple
+        if not self.channel_mults:
+            raise ValueError("channel_mults must hold at least one level; got ()")
+        for name in ("num_res_blocks", "groups", "num_heads"):
+            check_int(name, getattr(self, name), low=1)
+        if self.num_head_channels != IMAGE_DEFAULTS["num_head_channels"]:
+            check_int("num_head_channels", self.num_head_channels, low=1)
+        check_real("dropout", self.dropout, low=0.0, high=1.0, high_inclusive=False)
+        if not isinstance(self.hflip, bool):
+            raise TypeError(f"hflip must be a bool; got {self.hflip!r}")
 
     @property
     def num_classes(self) -> int | None:
@@ -802,6 +860,7 @@ def _source(config: RunConfig, data_dir: str | None, run_dir: str):
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         labels=config.conditional,
+        hflip=config.hflip,
     )
 
 

@@ -446,7 +446,7 @@ def digits_dir(tmp_path_factory):
 @pytest.mark.parametrize(
     ("args", "flag"),
     [
-        pytest.param(["--width", "3"], "--width must make a UNet", marks=pytest.mark.slow),  # builds layers
+        pytest.param(["--width", "3"], "cannot make a UNet for 'digits'", marks=pytest.mark.slow),  # builds layers
         (["--batch-size", "5000"], "--batch-size 5000 is larger"),
     ],
     ids=["width", "batch"],

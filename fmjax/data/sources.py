@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax._checks import check_int
+from fmjax._checks import check_bool, check_int
 from fmjax.data.toy import sample as toy_sample
 from fmjax.data.toy import sample_labeled
 
@@ -87,7 +87,8 @@ class ImageSource:
     ``read_batch`` (the data source's batch access). A dataset whose images take at most ``cache_bytes``
     (digits, MNIST, CIFAR-10 under the default 1 GiB) is read once, in batches, into one uint8 array, and a
     step's images are then a gather from it (microseconds instead of a read and decode per record).
-    With ``labels=True`` the host data also hold the records' int32 labels, for ``pair_cond``.
+    With ``labels=True`` the host data also hold the records' int32 labels, for ``pair_cond``. With
+    ``hflip=True`` ``pair`` flips each image left-right (its W axis) with probability 1/2.
     """
 
     def __init__(
@@ -100,8 +101,10 @@ class ImageSource:
         process_count: int = 1,
         cache_bytes: int = 2**30,
         labels: bool = False,
+        hflip: bool = False,
     ):
         check_int("batch_size", batch_size, low=1)
+        self.hflip = check_bool("hflip", hflip)
         if batch_size % process_count:
             raise ValueError(f"batch_size {batch_size} must be a multiple of the {process_count} processes")
         size = len(records)
@@ -158,9 +161,14 @@ class ImageSource:
         return spec
 
     def pair(self, key: jax.Array, host: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        """``(noise, dequantised images)``, each [batch_size, H, W, C] float32."""
+        """``(noise, dequantised images)``, each [batch_size, H, W, C] float32 (flipped with ``hflip``)."""
         k_noise, k_deq = jax.random.split(key)
-        x1 = dequantise(k_deq, host["image"])
+        images = host["image"]
+        if self.hflip:
+            k_deq, k_flip = jax.random.split(k_deq)
+            flip = jax.random.bernoulli(k_flip, 0.5, images.shape[:1])
+            images = jnp.where(flip[:, None, None, None], images[:, :, ::-1], images)
+        x1 = dequantise(k_deq, images)
         return jax.random.normal(k_noise, x1.shape), x1
 
     def pair_cond(self, key: jax.Array, host: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
