@@ -446,7 +446,8 @@ def digits_dir(tmp_path_factory):
 @pytest.mark.parametrize(
     ("args", "flag"),
     [
-        pytest.param(["--width", "3"], "cannot make a UNet for 'digits'", marks=pytest.mark.slow),  # builds layers
+        # builds layers before it can refuse
+        pytest.param(["--width", "3"], "cannot make a UNet for 'digits'", marks=pytest.mark.slow),
         (["--batch-size", "5000"], "--batch-size 5000 is larger"),
     ],
     ids=["width", "batch"],

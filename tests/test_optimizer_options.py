@@ -36,7 +36,8 @@ def test_warmup_is_linear_from_zero_then_constant():
     grad = jnp.array([2.0, -0.5, 3.0])
     updates, _ = _updates(RunConfig(learning_rate=LR, weight_decay=0.0, warmup_steps=4), grad, 7)
     rates = LR * np.minimum(np.arange(7), 4) / 4
-    np.testing.assert_allclose(updates, -rates[:, None] * np.sign(grad)[None], rtol=1e-4, atol=1e-12)  # float32 bias corrections
+    # rtol covers float32 bias corrections
+    np.testing.assert_allclose(updates, -rates[:, None] * np.sign(grad)[None], rtol=1e-4, atol=1e-12)
 
 
 def test_without_warmup_every_update_uses_the_learning_rate():
