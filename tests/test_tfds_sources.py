@@ -187,6 +187,14 @@ def test_read_batch_falls_back_for_other_sources():
         read_batch(records, np.array([0.5]))
 
 
+def test_preparing_a_dataset_prints_nothing_on_stdout(tmp_path, capsys):
+    # tfds announces a preparation with print(); fmjax's stdout carries only results (doctests, piped output)
+    source = data_source("digits", split="test", data_dir=str(tmp_path))
+    captured = capsys.readouterr()
+    assert len(source) == 360 and captured.out == ""
+    assert "sklearn_digits" in captured.err  # the announcement, on stderr
+
+
 def test_to_model_space():
     np.testing.assert_allclose(to_model_space(np.array([0, 255], np.uint8)), [-1.0, 1.0])
 

@@ -12,9 +12,11 @@ batches read with it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -74,16 +76,18 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
 def data_source(name: str, *, split: str = "train", data_dir: str | None = None) -> Any:
     """A random-access data source of ``name`` (one of ``DATASETS``); records are dicts with image and label.
 
-    ``digits`` is prepared on first use from scikit-learn's copy (offline, well under a second).
+    ``digits`` is prepared on first use from scikit-learn's copy (offline, well under a second). What
+    tfds prints while it prepares a dataset goes to stderr: stdout holds only what the caller prints.
     """
     check_choice("dataset", name, DATASETS)
     check_choice("split", split, SPLITS)
     data_dir = data_dir or default_data_dir()
-    if name == "digits":
-        builder = SklearnDigits(data_dir=data_dir, file_format="array_record")
-        builder.download_and_prepare()
-        return builder.as_data_source(split=split)
-    return tfds.data_source(name, split=split, data_dir=data_dir)
+    with contextlib.redirect_stdout(sys.stderr):
+        if name == "digits":
+            builder = SklearnDigits(data_dir=data_dir, file_format="array_record")
+            builder.download_and_prepare()
+            return builder.as_data_source(split=split)
+        return tfds.data_source(name, split=split, data_dir=data_dir)
 
 
 def to_model_space(images: np.ndarray) -> np.ndarray:
