@@ -160,6 +160,7 @@ def test_a_seed_gives_the_same_classifier(classifier):
     np.testing.assert_array_equal(np.asarray(a.logits(images)), np.asarray(b.logits(images)))
 
 
+@pytest.mark.slow  # about a minute: the experiment script end to end
 def test_quick_setting_end_to_end(tmp_path, classifier, monkeypatch):
     # the quick run trains its own classifier with the same seed: reuse the fixture's (same weights)
     monkeypatch.setattr(conditional_digits, "train_classifier", lambda **kwargs: classifier)

@@ -21,7 +21,12 @@ def test_notebook_is_stored_without_outputs(path):
             assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: strip outputs"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+# the quickstart in the default run, the other three (15-30 s each) with -m slow
+@pytest.mark.parametrize(
+    "path",
+    [p if p.stem == "00_quickstart" else pytest.param(p, marks=pytest.mark.slow) for p in NOTEBOOKS],
+    ids=lambda p: p.stem,
+)
 def test_notebook_runs(path, tmp_path, monkeypatch):
     monkeypatch.setenv("FMJAX_NOTEBOOK_QUICK", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
