@@ -113,6 +113,7 @@ def test_digits_gaussian_floor_matches_scipy():
     assert np.mean(bpd) == pytest.approx(uniform_gaussian, abs=0.15)
 
 
+@pytest.mark.slow  # the experiment script end to end (UNet compiles); image runs: tests/test_image_runs.py
 def test_digits_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv("FMJAX_DATA_DIR", str(tmp_path / "tfds"))
     result = digits.main(
