@@ -137,7 +137,7 @@ Where we differ:
 The authors' own protocol (TorchCFM's runner: fixed 10k/1k/1k sets of its data, 1,000 epochs, the
 checkpoint with the lowest validation loss, 1,000 test points) runs with `python -m experiments.two_dim
 --protocol paper`; its table, with [SF]²M-Exact and [SF]²M-I, is [two_dim_paper.md](two_dim_paper.md)
-(5 seeds; SB-CFM 3 on moons -> 8gaussians). There six of the eight published means (all of
+(5 seeds). There six of the eight published means (all of
 OT-CFM's) turn out to lie below the W2 between two samples of the runner's own data (N -> 8gaussians
 0.47-0.56, N -> moons 0.198, N -> scurve 0.230), so they were not measured on the data its configs now
 define; fmjax's OT-CFM comes within 0.02-0.07 of that floor on average over the seeds on the three tasks
@@ -696,10 +696,11 @@ PAPER_COMMANDS = [
     "python -m experiments.two_dim --protocol paper --seeds 2 --methods SB-CFM --tasks 'moons -> 8gaussians'",
     "python -m experiments.two_dim --protocol paper --methods SB-CFM"
     "  # stopped after moons -> 8gaussians, seed 44",
+    "python -m experiments.two_dim --protocol paper --methods SB-CFM --tasks 'moons -> 8gaussians'",
 ]
 PAPER_MACHINE = (
     "a 2-core x86-64 CPU shared with other jobs, no GPU; jax CPU backend. The first three commands ran "
-    "under a load average of 6-12, the last five pinned to one core (taskset -c 1) beside other work"
+    "under a load average of 6-12, the last six pinned to one core (taskset -c 1) beside other work"
 )
 
 PAPER_NOTES = """
@@ -713,14 +714,11 @@ time per run. The second table: the W2 between the test targets and as many trai
 samples of the task's distribution; a perfect sampler scores this, up to sampling noise.
 
 What was run (the commands are in two_dim_paper.json; the log resumes, only missing runs train): 5 seeds
-of OT-CFM, I-CFM, FM, [SF]²M-Exact and [SF]²M-I on every task they apply to; SB-CFM 5 seeds on the three
-tasks from N(0, I) and 3 seeds (42, 43, 44) on moons -> 8gaussians. An SB-CFM run there took 31-33
-minutes on one core (seed 44: 77 minutes, its core shared with other work): a step's Sinkhorn at the
-absolute epsilon = 2 on the DSB toy data (2.4-3.1 times the others' scale, so larger costs against the
-same epsilon) took 97 ms against 4-6 ms on the other tasks, so the 2 missing seeds (45, 46) are one to
-two more hours of this CPU:
-
-    python -m experiments.two_dim --protocol paper --methods SB-CFM
+of OT-CFM, I-CFM, FM, SB-CFM, [SF]²M-Exact and [SF]²M-I on every task they apply to. An SB-CFM run on
+moons -> 8gaussians took 31-33 minutes on one core (seeds 44-46: 70-80 minutes, on days when this shared
+machine ran about half as fast, beside other work): a step's Sinkhorn at the absolute epsilon = 2 on the
+DSB toy data (2.4-3.1 times the others' scale, so larger costs against the same epsilon) took 97 ms
+against 4-6 ms on the other tasks.
 
 Pinned to one core, an OT-CFM or [SF]²M-Exact run takes 80-115 s (an exact 512 x 512 assignment per
 step), SB-CFM on the N(0, I) tasks 71-113 s, the others 9-20 s.
@@ -774,8 +772,9 @@ Where we are above the published means, and why:
   its ODE at 100 Euler-Maruyama steps.
 - SB-CFM (sigma = 1: entropic OT at epsilon = 2 and a noisy path): its selected models are +0.084,
   +0.135 and +0.033 above the floor on N -> 8gaussians, N -> moons and N -> scurve (EMA +0.030, +0.057,
-  +0.019), and +0.13 on moons -> 8gaussians (three seeds: +0.36, +0.14, -0.12; EMA +0.38, +0.19,
-  -0.18).
+  +0.019), and +0.20 on moons -> 8gaussians (five seeds: +0.36, +0.14, -0.12, +0.03, +0.60, seed 46
+  being the one where the exact couplings are 0.84-0.86 above the floor too; EMA +0.38, +0.19, -0.17,
+  +0.11, +0.68).
 
 Where we differ from the runner: numpy draws the data (torchdyn's gaussians use torch's generator,
 so the points differ, not their distribution); moons -> 8gaussians is seeded with the run seed (the
