@@ -1,22 +1,64 @@
-"""Argument checks shared across fmjax: each raises with the argument's name and what is allowed."""
+"""Argument checks shared across fmjax: each raises with the argument's name and what is allowed.
+
+The checks of named options (``check_choice``, ``check_real``, ``check_int``, ``check_bool``) raise
+``ArgumentError`` (a ValueError) or ``ArgumentTypeError`` (a TypeError) whose message is written by a
+function of how arguments are named: ``str(error)`` names them as the Python API does
+(``batch_size must be >= 1``), ``error.named(naming)`` as a caller says them (the CLI passes its flags:
+``--batch-size must be >= 1``). This module imports nothing of fmjax.
+"""
 
 from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+Naming = Callable[[str], str]
+
+
+def _as_written(name: str) -> str:
+    return name
+
+
+class _Named:
+    """The message of an error about named arguments, written by ``render(naming)``."""
+
+    def __init__(self, render: Callable[[Naming], str] | str):
+        if isinstance(render, str):  # rebuilt from its message (pickling, copy)
+            message = render
+            render = lambda naming: message  # noqa: E731
+        self.render = render
+        super().__init__(render(_as_written))
+
+    def named(self, naming: Naming) -> str:
+        """The message with each argument named by ``naming`` (e.g. a field name -> its CLI flag)."""
+        return self.render(naming)
+
+
+class ArgumentError(_Named, ValueError):
+    """A ValueError about named arguments; ``named(naming)`` writes it with other names for them."""
+
+
+class ArgumentTypeError(_Named, TypeError):
+    """A TypeError about named arguments; ``named(naming)`` writes it with other names for them."""
+
+
+def message_of(error: BaseException, naming: Naming) -> str:
+    """``error``'s message with its arguments named by ``naming`` where it says which they are."""
+    return error.named(naming) if isinstance(error, _Named) else str(error)
+
 
 def check_choice(name: str, value: Any, allowed: Iterable[str]) -> str:
     """Return ``value`` if it is one of ``allowed``; otherwise raise a ValueError listing them."""
     allowed = sorted(allowed)
     if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+        names = ", ".join(map(repr, allowed))
+        raise ArgumentError(lambda n: f"{n(name)} must be one of {names}; got {value!r}")
     return value
 
 
@@ -45,7 +87,8 @@ def _scalar(value: Any) -> Any:
     return value
 
 
-def _describe(value: Any) -> str:
+def describe(value: Any) -> str:
+    """A short description of ``value`` for an error message (its type and value, or shape and dtype)."""
     if isinstance(value, jax.core.Tracer):
         return (
             f"a traced value of shape {value.shape} (configuration must be concrete, not computed under jit)"
@@ -82,16 +125,16 @@ def check_real(
     """
     plain = _scalar(value)
     if _is_bool(value) or isinstance(plain, bool) or not isinstance(plain, int | float):
-        raise TypeError(f"{name} must be a real number; got {_describe(value)}")
+        raise ArgumentTypeError(lambda n: f"{n(name)} must be a real number; got {describe(value)}")
     value = float(plain)
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite; got {value!r}")
+        raise ArgumentError(lambda n: f"{n(name)} must be finite; got {value!r}")
     if low is not None and (value < low or (value == low and not low_inclusive)):
         op = ">=" if low_inclusive else ">"
-        raise ValueError(f"{name} must be {op} {low}; got {value!r}")
+        raise ArgumentError(lambda n: f"{n(name)} must be {op} {low}; got {value!r}")
     if high is not None and (value > high or (value == high and not high_inclusive)):
         op = "<=" if high_inclusive else "<"
-        raise ValueError(f"{name} must be {op} {high}; got {value!r}")
+        raise ArgumentError(lambda n: f"{n(name)} must be {op} {high}; got {value!r}")
     return value
 
 
@@ -103,11 +146,11 @@ def check_int(name: str, value: Any, *, low: int | None = None, high: int | None
     """
     plain = _scalar(value)
     if _is_bool(value) or isinstance(plain, bool) or not isinstance(plain, int):
-        raise TypeError(f"{name} must be an int; got {_describe(value)}")
+        raise ArgumentTypeError(lambda n: f"{n(name)} must be an int; got {describe(value)}")
     if low is not None and plain < low:
-        raise ValueError(f"{name} must be >= {low}; got {plain!r}")
+        raise ArgumentError(lambda n: f"{n(name)} must be >= {low}; got {plain!r}")
     if high is not None and plain > high:
-        raise ValueError(f"{name} must be <= {high}; got {plain!r}")
+        raise ArgumentError(lambda n: f"{n(name)} must be <= {high}; got {plain!r}")
     return int(plain)
 
 
@@ -118,7 +161,7 @@ def check_bool(name: str, value: Any) -> bool:
     """
     plain = _scalar(value)
     if not isinstance(plain, bool):
-        raise TypeError(f"{name} must be True or False; got {_describe(value)}")
+        raise ArgumentTypeError(lambda n: f"{n(name)} must be True or False; got {describe(value)}")
     return plain
 
 
@@ -189,13 +232,13 @@ def check_key(name: str, key: Any) -> None:
     a TypeError naming ``name``; works on traced keys (only shape and dtype are read)."""
     how = f"{name} must be one PRNG key, e.g. jax.random.key(0)"
     if not hasattr(key, "shape") or not hasattr(key, "dtype"):
-        raise TypeError(f"{how}; got {_describe(key)}")
+        raise TypeError(f"{how}; got {describe(key)}")
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
         if key.shape != ():
             raise TypeError(f"{how}; got a batch of keys of shape {key.shape} (index or split it first)")
         return
     if jnp.dtype(key.dtype) != jnp.uint32 or len(key.shape) != 1:
-        raise TypeError(f"{how}; got {_describe(key)}")
+        raise TypeError(f"{how}; got {describe(key)}")
 
 
 def _signature_text(params: tuple[str, ...]) -> str:
@@ -209,7 +252,7 @@ def check_callable(name: str, fn: Any, params: tuple[str, ...], *, hint: str = "
     """
     call = f"{name}({_signature_text(params)})"
     if not callable(fn):
-        raise TypeError(f"{name} must be a function called as {call}; got {_describe(fn)}")
+        raise TypeError(f"{name} must be a function called as {call}; got {describe(fn)}")
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
@@ -229,7 +272,7 @@ def check_output(call: str, out: Any, shape: tuple[int, ...], what: str) -> None
     Shapes are static, so under jit this runs once, at trace time.
     """
     if not hasattr(out, "shape") or not hasattr(out, "dtype") or isinstance(out, np.generic):
-        raise TypeError(f"{call} must return one array of shape {what} = {shape}; got {_describe(out)}")
+        raise TypeError(f"{call} must return one array of shape {what} = {shape}; got {describe(out)}")
     if not jnp.issubdtype(out.dtype, jnp.floating):
         raise TypeError(f"{call} must return a real floating-point array; got dtype {out.dtype}")
     if tuple(out.shape) != tuple(shape):
@@ -239,56 +282,3 @@ def check_output(call: str, out: Any, shape: tuple[int, ...], what: str) -> None
 def is_traced(*values: Any) -> bool:
     """Whether any leaf of ``values`` is a tracer (inside jit, vmap, grad...): values are unknown."""
     return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(values))
-
-
-def resolve_path(path: Any, name: str = "path") -> Any:
-    """An ``AffinePath`` from a path or a name in ``fmjax.paths.PATHS`` (e.g. "condot").
-
-    A name builds the path with its defaults (``make_path(name)``). A path class instead of an
-    instance, or anything else, raises a TypeError naming ``name`` and how to build one.
-    """
-    from fmjax.paths import PATHS, AffinePath, make_path
-
-    if isinstance(path, str):
-        return make_path(path)
-    if isinstance(path, AffinePath):
-        return path
-    names = ", ".join(map(repr, sorted(PATHS)))
-    if isinstance(path, type) and issubclass(path, AffinePath):
-        raise TypeError(f"{name} must be a path, not a path class: call it, e.g. {path.__name__}()")
-    raise TypeError(
-        f"{name} must be an fmjax path (e.g. fmjax.Linear(), fmjax.CondOT(sigma_min=1e-4)) or one of "
-        f"the names {names}; got {_describe(path)}"
-    )
-
-
-def resolve_coupling(coupling: Any, name: str = "coupling") -> Any:
-    """A ``Coupling`` from a coupling or a name in ``fmjax.couplings.COUPLINGS`` (e.g. "exact").
-
-    A name builds the coupling with its factory's defaults (``make_coupling(name)``). A factory that
-    was not called, or anything else, raises a TypeError naming ``name`` and how to build one.
-    """
-    from fmjax.couplings import COUPLINGS, Coupling, make_coupling
-
-    if isinstance(coupling, str):
-        return make_coupling(coupling)
-    if isinstance(coupling, Coupling):
-        return coupling
-    names = ", ".join(map(repr, sorted(COUPLINGS)))
-    if callable(coupling) and not isinstance(coupling, type) and coupling in COUPLINGS.values():
-        raise TypeError(f"{name} must be a coupling, not its factory: call it, e.g. {coupling.__name__}()")
-    raise TypeError(
-        f"{name} must be an fmjax coupling (e.g. fmjax.independent(), fmjax.exact(), "
-        f"fmjax.sinkhorn(epsilon=0.05)) or one of the names {names}; got {_describe(coupling)}"
-    )
-
-
-def resolve_time_sampler(time_sampler: Any, name: str = "time_sampler") -> Any:
-    """A time sampler ``(key, n, dtype) -> t`` from a callable or a name in ``TIME_SAMPLERS``."""
-    from fmjax._time import TIME_SAMPLERS
-
-    if isinstance(time_sampler, str):
-        return lookup(name, time_sampler, TIME_SAMPLERS)()
-    hint = " (a factory such as fmjax.logit_normal must be called first: fmjax.logit_normal())"
-    check_callable(name, time_sampler, ("key", "n", "dtype"), hint=hint)
-    return time_sampler

@@ -6,13 +6,14 @@ Re-exported from ``fmjax.training``.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from fmjax._checks import check_int, check_key, check_real
+from fmjax._checks import check_callable, check_int, check_key, check_real, lookup
 
-__all__ = ["uniform", "LogitNormal", "logit_normal", "TIME_SAMPLERS"]
+__all__ = ["uniform", "LogitNormal", "logit_normal", "TIME_SAMPLERS", "resolve_time_sampler"]
 
 
 def _check_draw(key: jax.Array, n: int, dtype) -> tuple[int, jnp.dtype]:
@@ -68,3 +69,12 @@ def logit_normal(*, mean: float = 0.0, std: float = 1.0) -> LogitNormal:
 
 TIME_SAMPLERS = {"uniform": lambda: uniform, "logit_normal": logit_normal, "logit-normal": logit_normal}
 """Time-sampler factories by name, as accepted by the CLI's ``--time-sampler``."""
+
+
+def resolve_time_sampler(time_sampler: Any, name: str = "time_sampler") -> Any:
+    """A time sampler ``(key, n, dtype) -> t`` from a callable or a name in ``TIME_SAMPLERS``."""
+    if isinstance(time_sampler, str):
+        return lookup(name, time_sampler, TIME_SAMPLERS)()
+    hint = " (a factory such as fmjax.logit_normal must be called first: fmjax.logit_normal())"
+    check_callable(name, time_sampler, ("key", "n", "dtype"), hint=hint)
+    return time_sampler

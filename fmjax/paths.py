@@ -26,12 +26,21 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from fmjax._checks import check_batch, check_key, check_pair, check_real, check_unit_interval, lookup
+from fmjax._checks import (
+    ArgumentError,
+    check_batch,
+    check_key,
+    check_pair,
+    check_real,
+    check_unit_interval,
+    describe,
+    lookup,
+)
 
 __all__ = [
     "PathSample",
@@ -437,12 +446,41 @@ PATHS = {
 """Paths by name, as accepted by ``make_path`` and the CLI's ``--path``."""
 
 
+SIGMA_FIELDS = {"condot": "sigma_min", "linear": "sigma", "sb": "sigma"}
+"""The paths with a noise level, and the name of their field that ``make_path``'s ``sigma`` sets."""
+
+
 def make_path(name: str, *, sigma: float | None = None) -> AffinePath:
-    """Build a path by name (see ``PATHS``); ``sigma`` sets sigma_min / sigma where the path has one."""
+    """Build a path by name (see ``PATHS``); ``sigma`` sets sigma_min / sigma where the path has one.
+
+    Errors name ``sigma`` and ``path`` (``ArgumentError``), whichever field of the path it sets.
+    """
     cls = lookup("path", name, PATHS)
     if sigma is None:
         return cls()
-    field = {"condot": "sigma_min", "linear": "sigma", "sb": "sigma"}.get(name)
+    field = SIGMA_FIELDS.get(name)
     if field is None:
-        raise ValueError(f"sigma is not a parameter of path {name!r}; paths with one: condot, linear, sb")
-    return cls(**{field: sigma})
+        with_sigma = ", ".join(SIGMA_FIELDS)
+        raise ArgumentError(
+            lambda n: f"{n('sigma')} is not a parameter of {n('path')} {name!r}; paths with one: {with_sigma}"
+        )
+    return cls(**{field: check_real("sigma", sigma, low=0.0)})
+
+
+def resolve_path(path: Any, name: str = "path") -> AffinePath:
+    """An ``AffinePath`` from a path or a name in ``PATHS`` (e.g. "condot").
+
+    A name builds the path with its defaults (``make_path(name)``). A path class instead of an
+    instance, or anything else, raises a TypeError naming ``name`` and how to build one.
+    """
+    if isinstance(path, str):
+        return make_path(path)
+    if isinstance(path, AffinePath):
+        return path
+    names = ", ".join(map(repr, sorted(PATHS)))
+    if isinstance(path, type) and issubclass(path, AffinePath):
+        raise TypeError(f"{name} must be a path, not a path class: call it, e.g. {path.__name__}()")
+    raise TypeError(
+        f"{name} must be an fmjax path (e.g. fmjax.Linear(), fmjax.CondOT(sigma_min=1e-4)) or one of "
+        f"the names {names}; got {describe(path)}"
+    )

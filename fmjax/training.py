@@ -53,19 +53,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fmjax._checks import (
-    check_bool,
-    check_callable,
-    check_choice,
-    check_pair,
-    check_real,
-    resolve_coupling,
-    resolve_path,
-    resolve_time_sampler,
-)
+from fmjax._checks import check_bool, check_callable, check_choice, check_pair, check_real
 from fmjax._time import TIME_SAMPLERS, LogitNormal, logit_normal, uniform
 from fmjax.couplings import Coupling, GlobalBatch, Independent, PerShard, check_cond, independent
-from fmjax.losses import TARGETS, ApplyFn, cfm_loss, sf2m_loss
+from fmjax.losses.cfm import TARGETS, cfm_terms, check_target
+from fmjax.losses.common import ApplyFn, check_apply_fn, check_labels_given, check_null_cond, resolve_options
+from fmjax.losses.sf2m import check_noise, sf2m_terms
 from fmjax.paths import AffinePath
 
 __all__ = [
@@ -254,9 +247,15 @@ def make_train_step(
       bfloat16 computation in the model, wrap ``apply_fn`` with ``fmjax.models.mixed_precision``.
     """
     ema_decay = check_real("ema_decay", ema_decay, low=0.0, high=1.0, high_inclusive=False)
-    path = resolve_path(path)
-    coupling = resolve_coupling(coupling)
-    time_sampler = resolve_time_sampler(time_sampler)
+    options = resolve_options(
+        path=path,
+        coupling=coupling,
+        time_sampler=time_sampler,
+        cond_dropout=cond_dropout,
+        null_cond=null_cond,
+        with_cond=None,
+    )
+    path = options.path
     check_choice("target", target, TARGETS)
     check_choice("loss", loss, LOSSES)
     sf2m = loss == "sf2m"
@@ -270,32 +269,41 @@ def make_train_step(
             f"loss='sf2m' needs a path with noise, whose conditional path has a score; {path!r} has none "
             "(use e.g. SchrodingerBridge(sigma=1.0), or loss='cfm' for the flow alone)"
         )
+    (check_noise if sf2m else lambda path: check_target(target, path))(path)
     if weight is not None:
         check_callable("weight", weight, ("t",))
-    cond_dropout = check_real("cond_dropout", cond_dropout, low=0.0, high=1.0)
-    if cond_dropout > 0 and null_cond is None:
-        raise ValueError(
-            f"cond_dropout={cond_dropout} needs null_cond, the condition that means 'no condition' "
-            "(for a bundled model: model.null_cond(); for class labels, the null class id num_classes)"
-        )
+    check_null_cond(options.cond_dropout, null_cond)
     if model_dropout is None:
         model_dropout = getattr(apply_fn, "takes_dropout_key", False) is True
     elif check_bool("model_dropout", model_dropout):
         _check_takes_dropout_key(apply_fn)
-    conditional = {}
-    if cond_dropout > 0:
-        conditional = {"cond_dropout": cond_dropout, "null_cond": null_cond}
-    options = {"weight": weight} if weight is not None else {}
-    if target != "velocity":
-        options["target"] = target
-
     if mesh is not None:
         if data_axis not in mesh.axis_names:
             raise ValueError(f"data_axis must be one of the mesh's axes {mesh.axis_names}; got {data_axis!r}")
-        if not isinstance(coupling, Independent):
-            wrapper = PerShard if coupling.scope == "local" else GlobalBatch
-            coupling = wrapper(inner=coupling, mesh=mesh, axis=data_axis)
-    grad_fn = jax.value_and_grad(sf2m_loss if sf2m else cfm_loss, argnums=1, has_aux=True)
+        if not isinstance(options.coupling, Independent):
+            wrapper = PerShard if options.coupling.scope == "local" else GlobalBatch
+            options = options._replace(coupling=wrapper(inner=options.coupling, mesh=mesh, axis=data_axis))
+    # the loss's arguments are checked above and per call below: the step computes it unchecked
+    def loss_fn(model: ApplyFn, params: Any, key: jax.Array, x0: jax.Array, x1: jax.Array, cond: Any):
+        # steps given no condition drop none (their key stream is that of a model without conditions)
+        unconditioned = options if cond is not None else options._replace(cond_dropout=0.0)
+        if sf2m:
+            return sf2m_terms(model, params, key, x0, x1, cond, unconditioned, null_cond, weight, "mean")
+        return cfm_terms(model, params, key, x0, x1, cond, unconditioned, null_cond, weight, target, "mean")
+
+    grad_fn = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
+    called = set()  # the call forms (with and without a condition) whose arguments were checked
+
+    def check_call(x0: jax.Array, x1: jax.Array, cond: Any) -> None:
+        """The arguments of one call of the step (at every call: the batch; once per form: the rest)."""
+        check_pair(x0, x1, half_precision=True)
+        if cond is not None:
+            check_cond("cond", cond, x1.shape[0])
+        with_cond = cond is not None
+        if with_cond not in called:
+            check_labels_given(options.coupling, with_cond)
+            check_apply_fn(apply_fn, with_cond)
+            called.add(with_cond)
 
     def step(state: TrainState, x0: jax.Array, x1: jax.Array, cond: Any = None):
         # half-precision batches (bf16 pipelines) are upcast: the path maths and the loss run in float32
@@ -306,19 +314,7 @@ def make_train_step(
         else:
             key, loss_key = jax.random.split(state.key)
             model = apply_fn
-        with_cond = {"cond": cond, **conditional} if cond is not None else {}
-        (loss, aux), grads = grad_fn(
-            model,
-            state.params,
-            loss_key,
-            x0,
-            x1,
-            path=path,
-            coupling=coupling,
-            time_sampler=time_sampler,
-            **with_cond,
-            **options,
-        )
+        (loss, aux), grads = grad_fn(model, state.params, loss_key, x0, x1, cond)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = TrainState(
@@ -362,10 +358,9 @@ def make_train_step(
         jitted = jax.jit(step, donate_argnums=donate_argnums)
 
         def checked(state: TrainState, x0: jax.Array, x1: jax.Array, cond: Any = None):
-            check_pair(x0, x1, half_precision=True)
+            check_call(x0, x1, cond)
             if cond is None:
                 return jitted(state, x0, x1)
-            check_cond("cond", cond, x1.shape[0])
             return jitted(state, x0, x1, cond)
 
         checked.lower = jitted.lower
@@ -391,7 +386,7 @@ def make_train_step(
     )
 
     def checked_step(state: TrainState, x0: jax.Array, x1: jax.Array, cond: Any = None):
-        check_pair(x0, x1, half_precision=True)
+        check_call(x0, x1, cond)
         for name, x in (("x0", x0), ("x1", x1)):
             if x.shape[0] % devices:
                 raise ValueError(
@@ -400,7 +395,6 @@ def make_train_step(
                 )
         if cond is None:
             return sharded_step(state, x0, x1)
-        check_cond("cond", cond, x1.shape[0])
         return sharded_cond_step(state, x0, x1, cond)
 
     checked_step.lower = sharded_step.lower
