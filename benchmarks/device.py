@@ -40,11 +40,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks._timing import interleaved, markdown_table
-from fmjax import image_runs
+from fmjax.runs.tasks import images as image_runs
 from fmjax.data.sources import ImageSource, ToySource, dequantise
 from fmjax.data.toy import sample as toy_sample
 from fmjax.likelihood import divergence_exact, log_likelihood
-from fmjax.runs import Run, RunConfig, _steps_per_dispatch, train
+from fmjax.runs import Run, RunConfig, train
+from fmjax.runs.pipeline import steps_per_dispatch
 from fmjax.sampling import as_velocity, sample
 
 DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "DEVICE.md")
@@ -285,7 +286,7 @@ def _chunked(config: RunConfig, source) -> RunConfig:
     """``config`` logging once per dispatch, so every logged record times whole dispatches of equal size."""
     coupling = config.make_coupling()
     host = coupling if hasattr(coupling, "solve_host") else None  # solved on the host, as train does
-    return dataclasses.replace(config, log_every=_steps_per_dispatch(config, source, host))
+    return dataclasses.replace(config, log_every=steps_per_dispatch(config, source, host))
 
 
 def _failure(error: BaseException) -> str:

@@ -4,7 +4,7 @@ XLA:CPU gives the convolutions of a UNet's backward pass non-canonical dimension
 body (``b01f_01oi``, ``f01b_i01o->01bf`` in the optimised HLO, against ``b01f_01io->b01f`` everywhere in
 the step compiled alone) and runs them on its generic path instead of Eigen's. An MLP, without
 convolutions, is not affected. ``fmjax.runs`` therefore scans several steps per dispatch everywhere
-except for image models on the CPU backend (``runs._steps_per_dispatch``).
+except for image models on the CPU backend (``fmjax.runs.tasks.images.ImageTask.scans``).
 
 Rows: seconds per step of fmjax's jitted step (I-CFM, CondOT, Adam, EMA) called once per step, and of
 the same step under ``lax.scan`` of ``--scan`` steps in one call, for the digits UNet and a 2D MLP.

@@ -1,5 +1,5 @@
 """The digits classifier the experiments judge generated digits with: a re-export of
-``fmjax.digits_classifier`` (moved into the library, where ``fmjax.metrics.digits_frechet_distance``
+``fmjax.digits_classifier`` (moved into the library, where ``fmjax.digits_classifier.digits_frechet_distance``
 uses it), kept so that ``from experiments.classifier import ...`` keeps working.
 
     python -m experiments.classifier               # trains it and prints its test accuracy

@@ -21,7 +21,7 @@ Every model is evaluated with its EMA parameters on held-out source points: the 
 1, 2, 4 and 8 Euler steps and with dopri5 (2D: exact W2 against as many target points, ``wasserstein2``;
 digits: the Fréchet distance between Gaussians fitted to the generated and the real digits' pixels, both
 in the training space [-1, 1)^64 with the real digits dequantised; the table predates
-``fmjax.metrics.digits_frechet_distance`` and keeps the pixel metric so that its rows compare),
+``fmjax.digits_classifier.digits_frechet_distance`` and keeps the pixel metric so that its rows compare),
 the dopri5 NFE, ``straightness`` (Liu et al.'s measure, along 100-step Euler trajectories in 2D, 32 steps
 for digits), and in 2D ``crossing_fraction`` of the pairs the model was trained on (1024 pairs: four
 minibatches of the coupling pooled, or the stored reflow pairs). Compute is counted per model and
@@ -759,7 +759,7 @@ Other observations:
   steps in 433 s).
 - The digits metric is the Fréchet distance of Gaussians fitted to the raw pixels (64 dimensions, in the
   training space [-1, 1) with the real digits dequantised), not of a classifier's features: the table
-  predates fmjax's digits classifier (``fmjax.metrics.digits_frechet_distance``). It measures first and
+  predates fmjax's digits classifier (``fmjax.digits_classifier.digits_frechet_distance``). It measures first and
   second moments only, and the "floor" of real held-out digits
   is biased upwards by its 360-image sample, so a model can sit below it.
 - Wall seconds were taken on a 2-core CPU shared with other jobs and vary by tens of percent.

@@ -3,15 +3,24 @@
 Probability paths (``fmjax.paths``), minibatch couplings (``fmjax.couplings``), the pure CFM and
 [SF]²M losses (``fmjax.losses``), a jitted training step (``fmjax.training``), diffrax ODE and SDE
 sampling (``fmjax.sampling``, ``fmjax.sde``), classifier-free guidance (``fmjax.guidance``),
-log-likelihoods (``fmjax.likelihood``), metrics, reflow, checkpoints, data and Flax models.
+log-likelihoods (``fmjax.likelihood``), metrics (``fmjax.metrics``), reflow (``fmjax.reflow``),
+checkpoints (``fmjax.checkpoint``), data (``fmjax.data``), Flax models (``fmjax.models``), training runs
+(``fmjax.runs``) and the ``fmjax`` command (``fmjax.cli``).
 
-The names below are imported on first use (``fmjax.sample`` imports ``fmjax.sampling`` and diffrax
-then), so ``import fmjax`` and the ``fmjax`` command start without loading every dependency.
+The names below and the submodules are imported on first use (``fmjax.sample`` imports
+``fmjax.sampling`` and diffrax then; ``fmjax.paths`` imports the module), so ``import fmjax`` and the
+``fmjax`` command start without loading every dependency.
+
+>>> import fmjax
+>>> fmjax.paths.CondOT(sigma_min=0.1).sigma_min
+0.1
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import pkgutil
 from typing import Any
 
 __version__ = "0.1.0"
@@ -40,7 +49,7 @@ _EXPORTS = {
     "straightness": "fmjax.metrics",
     "wasserstein2": "fmjax.metrics",
     "frechet_distance": "fmjax.metrics",
-    "digits_frechet_distance": "fmjax.metrics",
+    "digits_frechet_distance": "fmjax.digits_classifier",
     "AffinePath": "fmjax.paths",
     "CondOT": "fmjax.paths",
     "Linear": "fmjax.paths",
@@ -66,14 +75,21 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
+def _submodules() -> list[str]:
+    """The public submodules and subpackages of fmjax (``paths``, ``runs``, ...)."""
+    return [module.name for module in pkgutil.iter_modules(__path__) if not module.name.startswith("_")]
+
+
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fmjax' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value  # later lookups skip __getattr__
+        return value
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")  # binds fmjax.<name> as it imports
+    raise AttributeError(f"module 'fmjax' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(set(globals()) | set(_EXPORTS) | set(_submodules()))

@@ -1,56 +1,31 @@
 """Argument checks shared across fmjax: each raises with the argument's name and what is allowed.
 
 The checks of named options (``check_choice``, ``check_real``, ``check_int``, ``check_bool``) raise
-``ArgumentError`` (a ValueError) or ``ArgumentTypeError`` (a TypeError) whose message is written by a
-function of how arguments are named: ``str(error)`` names them as the Python API does
-(``batch_size must be >= 1``), ``error.named(naming)`` as a caller says them (the CLI passes its flags:
-``--batch-size must be >= 1``). This module imports nothing of fmjax.
+``fmjax._errors.ArgumentError`` (a ValueError) or ``ArgumentTypeError`` (a TypeError), whose messages
+name the argument as the API does and, through ``error.named(naming)``, as a caller says it (the CLI:
+its flags). This module imports nothing of fmjax but those errors.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-Naming = Callable[[str], str]
-
-
-def _as_written(name: str) -> str:
-    return name
-
-
-class _Named:
-    """The message of an error about named arguments, written by ``render(naming)``."""
-
-    def __init__(self, render: Callable[[Naming], str] | str):
-        if isinstance(render, str):  # rebuilt from its message (pickling, copy)
-            message = render
-            render = lambda naming: message  # noqa: E731
-        self.render = render
-        super().__init__(render(_as_written))
-
-    def named(self, naming: Naming) -> str:
-        """The message with each argument named by ``naming`` (e.g. a field name -> its CLI flag)."""
-        return self.render(naming)
-
-
-class ArgumentError(_Named, ValueError):
-    """A ValueError about named arguments; ``named(naming)`` writes it with other names for them."""
-
-
-class ArgumentTypeError(_Named, TypeError):
-    """A TypeError about named arguments; ``named(naming)`` writes it with other names for them."""
-
-
-def message_of(error: BaseException, naming: Naming) -> str:
-    """``error``'s message with its arguments named by ``naming`` where it says which they are."""
-    return error.named(naming) if isinstance(error, _Named) else str(error)
+from fmjax._errors import (  # noqa: F401  (re-exported: the checks' errors)
+    ArgumentError,
+    ArgumentTypeError,
+    NamedMessage,
+    NamedText,
+    from_template,
+    message_of,
+    message_template,
+)
 
 
 def check_choice(name: str, value: Any, allowed: Iterable[str]) -> str:

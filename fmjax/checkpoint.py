@@ -86,7 +86,7 @@ def _release_stuck_helpers() -> None:
                 orbax_future.set_signals(thread._receive_signals, operation_id=thread._operation_id)
 
 
-def _from_process_0(decision: dict | None) -> dict:
+def from_process_0(decision: dict | None) -> dict:
     """Process 0's ``decision`` (JSON-able) on every process; two broadcasts, the length then the bytes."""
     data = np.frombuffer(json.dumps(decision).encode(), np.uint8).astype(np.int32) if decision else None
     length = int(multihost_utils.broadcast_one_to_all(np.int32(0 if data is None else data.size)))
@@ -295,7 +295,7 @@ class Checkpointer:
                 decision = {"error": str(error), "value_error": isinstance(error, ValueError)}
                 failure = error
         # process 0 sends its decision after its renames, so the others see the directory it left
-        decision = _from_process_0(decision)
+        decision = from_process_0(decision)
         if "error" in decision:
             if jax.process_index() == 0:
                 raise failure

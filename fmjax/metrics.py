@@ -1,5 +1,6 @@
-"""Evaluation metrics: exact 2-Wasserstein distance, Fréchet distance (also in a digits classifier's
-features, the FID recipe) and path energy.
+"""Evaluation metrics: exact 2-Wasserstein distance, Fréchet distance and path energy; straightness and
+crossing of trajectories. No trained model inside: the Fréchet distance in a digits classifier's features
+(the FID recipe) lives beside that classifier, ``fmjax.digits_classifier.digits_frechet_distance``.
 
 ``wasserstein2`` solves the exact OT problem between two empirical measures with uniform weights and
 squared-Euclidean cost and returns its square root, the convention of the OT-CFM papers' tables.
@@ -9,21 +10,14 @@ solver (4x faster than POT at 10k points); other sizes go to POT's network simpl
 
 from __future__ import annotations
 
-import functools
-import importlib
-from typing import TYPE_CHECKING
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fmjax import _assignment
-from fmjax._checks import check_choice, check_real, is_traced
+from fmjax._checks import check_real, is_traced
 from fmjax._straightness import crossing_fraction, straightness
 from fmjax.sampling import Trajectory
-
-if TYPE_CHECKING:
-    from fmjax.digits_classifier import Classifier
 
 __all__ = [
     "wasserstein2",
@@ -32,8 +26,6 @@ __all__ = [
     "normalized_path_energy",
     "straightness",
     "crossing_fraction",
-    "digits_classifier",
-    "digits_frechet_distance",
 ]
 
 
@@ -167,66 +159,3 @@ def normalized_path_energy(energy: float, w2: float) -> float:
     energy = check_real("energy", energy, low=0.0)
     w2 = check_real("w2", w2, low=0.0, low_inclusive=False)
     return abs(energy - w2**2) / w2**2
-
-
-@functools.cache
-def digits_classifier(seed: int = 0) -> Classifier:
-    """The digits CNN of ``fmjax.digits_classifier``, trained on the train split with ``seed``.
-
-    Trained on first use (a few seconds on a CPU) and kept for the rest of the process, one per seed;
-    ``.test_accuracy`` is its accuracy on the 360 test digits (0.99 for seed 0), ``.features(images,
-    space=...)`` its penultimate features [n, 64], ``.predict(images, space=...)`` its classes [n].
-    """
-    from fmjax.digits_classifier import train_classifier  # Flax and optax only when asked for
-
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
-        raise TypeError(f"seed must be an int; got {type(seed).__name__}")
-    return train_classifier(seed=int(seed))
-
-
-def digits_frechet_distance(
-    generated: jax.Array | np.ndarray,
-    reference: jax.Array | np.ndarray | None = None,
-    *,
-    space: str = "bytes",
-    classifier: Classifier | None = None,
-    seed: int = 0,
-) -> float:
-    """FID for the 8x8 digits: ``frechet_distance`` between a digits classifier's penultimate features
-    [n, 64] of ``generated`` and of ``reference``.
-
-    ``generated`` (and ``reference``, when given) are images in [-1, 1] of shape [n, 8, 8, 1],
-    [n, 8, 8] or [n, 64], n >= 2, in ``space``: ``"bytes"`` (z = 2 (x + u) / 256 - 1 for the stored
-    0..255 pixel x, as ``fmjax train --dataset digits`` models them) or ``"levels"`` (z = 2 (k + u) / 17
-    - 1 for the grey level k = 0..16); see ``fmjax.digits_classifier``. ``reference=None`` means the
-    360 test digits, dequantised once with u ~ U[0, 1) drawn from ``seed`` (whatever ``space`` is).
-    ``classifier`` defaults to ``digits_classifier(seed)``.
-
-    The distance is biased upwards for small sets: compare values computed with the same numbers of
-    images. With seed 0, the 1437 train digits score about 8.6 against the 360 test digits, uniform
-    noise about 880.
-
-    >>> import jax
-    >>> noise = jax.random.uniform(jax.random.key(0), (360, 8, 8, 1), minval=-1.0, maxval=1.0)
-    >>> digits_frechet_distance(noise) > 100.0  # uniform noise is far from every digit
-    True
-    """
-    # by full name: "from fmjax import digits_classifier" would find this function if fmjax re-exported it
-    module = importlib.import_module("fmjax.digits_classifier")
-    space = check_choice("space", space, module.SPACES)
-    if classifier is None:
-        classifier = digits_classifier(seed)
-    elif not isinstance(classifier, module.Classifier):
-        raise TypeError(
-            "classifier must be a fmjax.digits_classifier.Classifier or None; "
-            f"got {type(classifier).__name__}"
-        )
-    reference_space = space
-    if reference is None:
-        levels, _ = module.load_digits("test")
-        u = np.random.default_rng(seed).uniform(size=levels.shape)
-        reference, reference_space = module.dequantise(levels, u), "levels"
-    return frechet_distance(
-        np.asarray(classifier.features(generated, space=space)),
-        np.asarray(classifier.features(reference, space=reference_space)),
-    )

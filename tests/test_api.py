@@ -23,6 +23,10 @@ MODULES = [
     "fmjax.sde",
     "fmjax.tensorboard",
     "fmjax.image_runs",
+    "fmjax.runs.tasks.images",
+    "fmjax.runs.tasks.toy",
+    "fmjax.cli",
+    "fmjax.digits_classifier",
     "fmjax.plotting",
 ]
 

@@ -14,7 +14,7 @@ import ot
 import pytest
 
 import fmjax
-from fmjax._pipeline import HostPairs
+from fmjax.runs.pipeline import HostPairs
 from fmjax.couplings import Coupling, Sinkhorn, exact, independent, schrodinger_bridge, sinkhorn
 from fmjax.guidance import guided_velocity
 from fmjax.likelihood import log_likelihood

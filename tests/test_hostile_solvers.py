@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 import fmjax.couplings as couplings_module
 from fmjax._assignment import solve_assignment, solve_assignment_points, solve_assignment_pot
-from fmjax._pipeline import HostPairs
+from fmjax.runs.pipeline import HostPairs
 from fmjax.couplings import (
     COUPLINGS,
     HOST_NOT_FINITE,

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmjax._pipeline import HostPairs, Prefetcher
+from fmjax.runs.pipeline import HostPairs, Prefetcher, chunks
 from fmjax.couplings import exact
 from fmjax.data import sample as toy
-from fmjax.runs import RunConfig, _chunks, load_run, train
+from fmjax.runs import RunConfig, load_run, train
 
 
 @pytest.mark.parametrize("shape", [(48, 2), (40, 6, 6, 1)], ids=["points", "cost-matrix"])
@@ -65,12 +65,12 @@ def test_prefetcher_keeps_order_and_raises_the_producers_error():
 
 def test_chunks_depend_on_the_step_alone():
     config = RunConfig(steps=250, log_every=100, checkpoint_every=200)
-    whole = list(_chunks(0, config, limit=30))
+    whole = list(chunks(0, config, limit=30))
     assert sum(n for _, n in whole) == 250
     boundaries = {first + n for first, n in whole}
     assert {100, 200, 250} <= boundaries and all(n <= 30 for _, n in whole)
     # a run resumed at a chunk boundary cuts the rest as the uninterrupted run did
-    assert list(_chunks(200, config, limit=30)) == [c for c in whole if c[0] >= 200]
+    assert list(chunks(200, config, limit=30)) == [c for c in whole if c[0] >= 200]
 
 
 def test_resume_is_bitwise_with_pipelined_pairs_and_async_checkpoints(tmp_path):
