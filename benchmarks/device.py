@@ -40,12 +40,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks._timing import interleaved, markdown_table
-from fmjax.runs.tasks import images as image_runs
 from fmjax.data.sources import ImageSource, ToySource, dequantise
 from fmjax.data.toy import sample as toy_sample
 from fmjax.likelihood import divergence_exact, log_likelihood
 from fmjax.runs import Run, RunConfig, train
 from fmjax.runs.pipeline import steps_per_dispatch
+from fmjax.runs.tasks import images as image_runs
 from fmjax.sampling import as_velocity, sample
 
 DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "DEVICE.md")

@@ -14,13 +14,13 @@ import ot
 import pytest
 
 import fmjax
-from fmjax.runs.pipeline import HostPairs
 from fmjax.couplings import Coupling, Sinkhorn, exact, independent, schrodinger_bridge, sinkhorn
 from fmjax.guidance import guided_velocity
 from fmjax.likelihood import log_likelihood
 from fmjax.losses import cfm_loss, drop_cond
 from fmjax.models import MLP, UNet, functional
 from fmjax.paths import CondOT, Linear, VariancePreserving
+from fmjax.runs.pipeline import HostPairs
 from fmjax.sampling import sample
 from fmjax.training import TrainState, make_train_step
 

@@ -1,4 +1,4 @@
-"""fmjax.digits_classifier and fmjax.digits_classifier.digits_frechet_distance (the digits classifier's accuracy,
+"""fmjax.digits_classifier and its digits_frechet_distance (the digits classifier's accuracy,
 input spaces and features; the FID recipe with it), experiments.classifier's re-export, and the --quick
 setting of experiments/conditional_digits.py end to end."""
 
@@ -16,11 +16,11 @@ from fmjax.digits_classifier import (
     Classifier,
     classifier_frechet_distance,
     dequantise,
+    digits_frechet_distance,
     load_digits,
     to_levels_space,
     train_classifier,
 )
-from fmjax.digits_classifier import digits_frechet_distance
 from fmjax.digits_classifier import trained_classifier as digits_classifier
 
 

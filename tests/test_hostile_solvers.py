@@ -22,7 +22,6 @@ from jax.sharding import Mesh
 
 import fmjax.couplings as couplings_module
 from fmjax._assignment import solve_assignment, solve_assignment_points, solve_assignment_pot
-from fmjax.runs.pipeline import HostPairs
 from fmjax.couplings import (
     COUPLINGS,
     HOST_NOT_FINITE,
@@ -39,6 +38,7 @@ from fmjax.couplings import (
     schrodinger_bridge,
     sinkhorn,
 )
+from fmjax.runs.pipeline import HostPairs
 
 KEY = jax.random.key(0)
 _rng = np.random.default_rng(15)

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmjax.runs.pipeline import HostPairs, Prefetcher, chunks
 from fmjax.couplings import exact
 from fmjax.data import sample as toy
 from fmjax.runs import RunConfig, load_run, train
+from fmjax.runs.pipeline import HostPairs, Prefetcher, chunks
 
 
 @pytest.mark.parametrize("shape", [(48, 2), (40, 6, 6, 1)], ids=["points", "cost-matrix"])
