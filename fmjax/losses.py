@@ -24,12 +24,11 @@ from fmjax._checks import (
     check_pair,
     check_real,
     check_unit_interval,
-    resolve_coupling,
     resolve_path,
     resolve_time_sampler,
 )
 from fmjax._time import uniform
-from fmjax.couplings import Coupling, check_cond, independent
+from fmjax.couplings import Coupling, check_cond, independent, resolve_coupling
 from fmjax.paths import AffinePath, PathSample
 
 __all__ = [

@@ -59,12 +59,19 @@ from fmjax._checks import (
     check_choice,
     check_pair,
     check_real,
-    resolve_coupling,
     resolve_path,
     resolve_time_sampler,
 )
 from fmjax._time import TIME_SAMPLERS, LogitNormal, logit_normal, uniform
-from fmjax.couplings import Coupling, GlobalBatch, Independent, PerShard, check_cond, independent
+from fmjax.couplings import (
+    Coupling,
+    GlobalBatch,
+    Independent,
+    PerShard,
+    check_cond,
+    independent,
+    resolve_coupling,
+)
 from fmjax.losses import TARGETS, ApplyFn, cfm_loss, sf2m_loss
 from fmjax.paths import AffinePath
 

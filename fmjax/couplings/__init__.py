@@ -44,7 +44,7 @@ from fmjax.couplings._exact import (
     exact,
 )
 from fmjax.couplings._independent import Independent, independent
-from fmjax.couplings._registry import COUPLINGS, make_coupling
+from fmjax.couplings._registry import COUPLINGS, make_coupling, resolve_coupling
 from fmjax.couplings._sharding import GlobalBatch, PerShard
 from fmjax.couplings._sinkhorn import (
     MAX_SINKHORN_ITERATIONS,
@@ -71,6 +71,7 @@ __all__ = [
     "check_cond",
     "COUPLINGS",
     "make_coupling",
+    "resolve_coupling",
     "SCOPES",
     "MAX_SINKHORN_ITERATIONS",
     "POINTS_ON_HOST_MAX_DIM",
