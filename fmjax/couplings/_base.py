@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax._checks import check_batch, check_finite
+from fmjax._checks import check_batch, check_finite, is_traced
 
 SCOPES = ("local", "global")
 
@@ -24,6 +24,9 @@ class CouplingWarning(RuntimeWarning):
 
 
 Status = dict[str, jax.Array]
+
+Labels = jax.Array | None
+"""Integer class labels of shape [n], given to a ``by_label`` coupling only (None otherwise)."""
 
 
 def _status(converged: Any, error: Any) -> Status:
@@ -70,11 +73,6 @@ def _check_pair(x0: Any, x1: Any) -> None:
     check_finite("x1", x1)
 
 
-def _traced(*values: Any) -> bool:
-    """Whether any leaf of ``values`` is a tracer (inside jit, vmap, grad or shard_map)."""
-    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(values))
-
-
 def check_cond(name: str, cond: Any, n: int) -> None:
     """Check that every leaf of the pytree ``cond`` is an array whose leading axis is the batch, ``n``.
 
@@ -107,7 +105,7 @@ def _check_labels(name: str, labels: Any, n: int) -> jax.Array:
         raise TypeError(f"{what}; got dtype {dtype} (convert class ids with .astype(jnp.int32))")
     if tuple(labels.shape) != (n,):
         raise ValueError(f"{what}; got shape {tuple(labels.shape)}")
-    if not _traced(labels):
+    if not is_traced(labels):
         low = int(np.min(np.asarray(labels)))
         if low < 0:
             raise ValueError(f"{name} must hold class ids >= 0; got {low}")
@@ -185,7 +183,7 @@ class Coupling(abc.ABC):
     def _report(self, status: Status, details: dict[str, jax.Array]) -> None:
         """Eagerly (concrete status) warn or raise when the solver failed; under a trace do nothing."""
         converged = status["coupling_converged"]
-        if not _traced(converged) and not bool(converged):
+        if not is_traced(converged) and not bool(converged):
             self._failed(float(status["coupling_error"]), {k: np.asarray(v) for k, v in details.items()})
 
     def _failed(self, error: float, details: dict[str, np.ndarray]) -> None:
@@ -198,21 +196,12 @@ class Coupling(abc.ABC):
     def _run(self, key, x0, x1, labels0=None, labels1=None):
         self._check_inputs(key, x0, x1)
         labels = self._labels(x0, labels0, labels1)
-        if labels is None:
-            i, j, status, details = self._pairs_with_details(key, x0, x1)
-        else:
-            i, j, status, details = self._pairs_with_details(key, x0, x1, labels)
+        i, j, status, details = _pairs_and_status(self, key, x0, x1, labels)
         self._report(status, details)
         return i, j, status
 
     def __call__(
-        self,
-        key: jax.Array,
-        x0: jax.Array,
-        x1: jax.Array,
-        *,
-        labels0: jax.Array | None = None,
-        labels1: jax.Array | None = None,
+        self, key: jax.Array, x0: jax.Array, x1: jax.Array, *, labels0: Labels = None, labels1: Labels = None
     ) -> tuple[jax.Array, jax.Array]:
         """Couple the batches ``x0`` and ``x1`` (shape [n, *dims] each); return (i, j) of shape [n].
 
@@ -222,13 +211,7 @@ class Coupling(abc.ABC):
         return i, j
 
     def apply_with_status(
-        self,
-        key: jax.Array,
-        x0: jax.Array,
-        x1: jax.Array,
-        *,
-        labels0: jax.Array | None = None,
-        labels1: jax.Array | None = None,
+        self, key: jax.Array, x0: jax.Array, x1: jax.Array, *, labels0: Labels = None, labels1: Labels = None
     ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array], Status]:
         """Couple and gather: ``(x0[i], x1[j], (i, j), status)``.
 
@@ -243,13 +226,7 @@ class Coupling(abc.ABC):
         return a, b, (i, j), status
 
     def apply(
-        self,
-        key: jax.Array,
-        x0: jax.Array,
-        x1: jax.Array,
-        *,
-        labels0: jax.Array | None = None,
-        labels1: jax.Array | None = None,
+        self, key: jax.Array, x0: jax.Array, x1: jax.Array, *, labels0: Labels = None, labels1: Labels = None
     ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
         """Couple and gather: return ``(x0[i], x1[j], (i, j))``."""
         a, b, pairs, _ = self.apply_with_status(key, x0, x1, **_given(labels0=labels0, labels1=labels1))
@@ -262,8 +239,8 @@ class Coupling(abc.ABC):
         x1: jax.Array,
         cond: Any,
         *,
-        labels0: jax.Array | None = None,
-        labels1: jax.Array | None = None,
+        labels0: Labels = None,
+        labels1: Labels = None,
     ) -> tuple[jax.Array, jax.Array, Any, tuple[jax.Array, jax.Array], Status]:
         """Couple and gather, moving a condition with x1: ``(x0[i], x1[j], cond[j], (i, j), status)``.
 
@@ -284,6 +261,14 @@ class Coupling(abc.ABC):
         given = _given(labels0=labels0, labels1=labels1)
         a, b, (i, j), status = self.apply_with_status(key, x0, x1, **given)
         return a, b, self._gather_cond(cond, j), (i, j), status
+
+
+def _pairs_and_status(coupling: Coupling, key, x0, x1, labels) -> tuple:
+    """``coupling._pairs_with_details``, passed ``labels`` only when there are some (so a coupling that
+    takes no labels implements it without them)."""
+    if labels is None:
+        return coupling._pairs_with_details(key, x0, x1)
+    return coupling._pairs_with_details(key, x0, x1, labels)
 
 
 def _given(**kwargs: Any) -> dict[str, Any]:

@@ -19,6 +19,12 @@ def _times_power_of_two(x: jax.Array, k: jax.Array) -> jax.Array:
     return x * jnp.ldexp(jnp.ones((), x.dtype), half) * jnp.ldexp(jnp.ones((), x.dtype), k - half)
 
 
+def _centred(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Two clouds [n, d], [m, d] less their joint mean (over all n + m points)."""
+    center = (jnp.sum(a, axis=0) + jnp.sum(b, axis=0)) / (a.shape[0] + b.shape[0])
+    return a - center, b - center
+
+
 def _normalised(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Centre two clouds [n, d] on their joint mean and scale them by a power of two: ``(a', b', k)``.
 
@@ -31,8 +37,7 @@ def _normalised(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array, jax.A
     """
     e1 = _power_of_two_exponent(a, b)
     a, b = _times_power_of_two(a, -e1), _times_power_of_two(b, -e1)
-    center = (jnp.sum(a, axis=0) + jnp.sum(b, axis=0)) / (a.shape[0] + b.shape[0])
-    a, b = a - center, b - center
+    a, b = _centred(a, b)
     e2 = _power_of_two_exponent(a, b)
     return _times_power_of_two(a, -e2), _times_power_of_two(b, -e2), -(e1 + e2)
 
@@ -52,7 +57,4 @@ def squared_distances(x0: jax.Array, x1: jax.Array) -> jax.Array:
     Both clouds are first centred on their joint mean (the cost is translation invariant), which
     keeps the matrix-product form ||a||^2 + ||b||^2 - 2 a.b accurate in float32.
     """
-    a = x0.reshape(x0.shape[0], -1)
-    b = x1.reshape(x1.shape[0], -1)
-    center = (jnp.sum(a, axis=0) + jnp.sum(b, axis=0)) / (a.shape[0] + b.shape[0])
-    return _centred_costs(a - center, b - center)
+    return _centred_costs(*_centred(x0.reshape(x0.shape[0], -1), x1.reshape(x1.shape[0], -1)))

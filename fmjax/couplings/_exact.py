@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmjax._checks import check_bool, check_choice
-from fmjax.couplings._base import SCOPES, Coupling, _coupling_dataclass, _status
+from fmjax.couplings._base import SCOPES, Coupling, Labels, _coupling_dataclass, _status
 from fmjax.couplings._costs import _centred_costs, _normalised
 
 # Up to this many dimensions per sample the exact coupling sends the points to the host, which forms
@@ -120,11 +120,7 @@ class Exact(Coupling):
         object.__setattr__(self, "by_label", check_bool("by_label", self.by_label))
 
     def host_inputs(
-        self,
-        x0: jax.Array,
-        x1: jax.Array,
-        labels0: jax.Array | None = None,
-        labels1: jax.Array | None = None,
+        self, x0: jax.Array, x1: jax.Array, labels0: Labels = None, labels1: Labels = None
     ) -> tuple[jax.Array, ...]:
         """What ``solve_host`` needs, computed on the device: the centred float32 points ``(a, b)`` of
         shape [n, d] when d <= 32, else the float32 cost matrix ``(C,)`` of shape [n, n]; both scaled

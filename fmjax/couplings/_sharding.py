@@ -6,8 +6,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
-from fmjax.couplings._base import Coupling, _status, check_cond
+from fmjax.couplings._base import Coupling, _pairs_and_status, _status, check_cond
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,15 +31,17 @@ class _OnMesh(Coupling):
         return self.inner.pairs(key, x0, x1)
 
     def _pairs_with_details(self, key, x0, x1, labels=None):
-        if labels is None:
-            return self.inner._pairs_with_details(key, x0, x1)
-        return self.inner._pairs_with_details(key, x0, x1, labels)
+        return _pairs_and_status(self.inner, key, x0, x1, labels)
 
     def _gather_cond(self, cond, j):
         return self.inner._gather_cond(cond, j)
 
     def _failed(self, error, details):
         self.inner._failed(error, details)
+
+    def apply_with_status(self, key, x0, x1, *, labels0=None, labels1=None):
+        a, b, _, pairs, status = self.apply_with_cond(key, x0, x1, None, labels0=labels0, labels1=labels1)
+        return a, b, pairs, status
 
     def _on_each_device(
         self, key, x0, x1, batch_spec, *, labels0=None, labels1=None, cond=None, fold_in_device=False
@@ -51,8 +54,6 @@ class _OnMesh(Coupling):
         Inside ``shard_map`` the solver runs with no collective; the key is replicated and, with
         ``fold_in_device``, folded with the device's index along ``axis``.
         """
-        from jax.sharding import PartitionSpec
-
         self._check_inputs(key, x0, x1)
         extras = {}
         labels = self._labels(x0, labels0, labels1)
@@ -98,17 +99,7 @@ class PerShard(_OnMesh):
     def scope(self) -> str:
         return "local"
 
-    def apply_with_status(self, key, x0, x1, *, labels0=None, labels1=None):
-        from jax.sharding import PartitionSpec
-
-        spec = PartitionSpec(self.axis)
-        labels = {"labels0": labels0, "labels1": labels1}
-        a, b, _, pairs, status = self._on_each_device(key, x0, x1, spec, **labels, fold_in_device=True)
-        return a, b, pairs, status
-
     def apply_with_cond(self, key, x0, x1, cond, *, labels0=None, labels1=None):
-        from jax.sharding import PartitionSpec
-
         spec = PartitionSpec(self.axis)
         labels = {"labels0": labels0, "labels1": labels1}
         return self._on_each_device(key, x0, x1, spec, **labels, cond=cond, fold_in_device=True)
@@ -131,13 +122,7 @@ class GlobalBatch(_OnMesh):
     def scope(self) -> str:
         return "global"
 
-    def apply_with_status(self, key, x0, x1, *, labels0=None, labels1=None):
-        a, b, _, pairs, status = self.apply_with_cond(key, x0, x1, None, labels0=labels0, labels1=labels1)
-        return a, b, pairs, status
-
     def apply_with_cond(self, key, x0, x1, cond, *, labels0=None, labels1=None):
-        from jax.sharding import NamedSharding, PartitionSpec
-
         sharded = NamedSharding(self.mesh, PartitionSpec(self.axis))
         # The batch is gathered once; then every device couples the whole batch on its own, with no
         # collective inside the solver (left to the partitioner, Sinkhorn's loop and the exact

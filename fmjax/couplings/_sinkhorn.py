@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax._checks import check_bool, check_choice, check_int, check_real
-from fmjax.couplings._base import SCOPES, Coupling, CouplingWarning, _coupling_dataclass, _status, _traced
+from fmjax._checks import check_bool, check_choice, check_int, check_real, is_traced
+from fmjax.couplings._base import SCOPES, Coupling, CouplingWarning, Labels, _coupling_dataclass, _status
 from fmjax.couplings._costs import _centred_costs, _normalised, _times_power_of_two
 
 # Sinkhorn's cap on iterations (ott-jax counts them in int32).
@@ -171,12 +171,7 @@ class Sinkhorn(Coupling):
         return log_plan, details
 
     def plan(
-        self,
-        x0: jax.Array,
-        x1: jax.Array,
-        *,
-        labels0: jax.Array | None = None,
-        labels1: jax.Array | None = None,
+        self, x0: jax.Array, x1: jax.Array, *, labels0: Labels = None, labels1: Labels = None
     ) -> jax.Array:
         """The entropic transport plan between the two batches (uniform weights), shape [n, n].
 
@@ -185,7 +180,7 @@ class Sinkhorn(Coupling):
         With ``by_label``, the plan of the raised cross-class costs (labels as for ``__call__``).
         """
         labels = self._labels(x0, labels0, labels1)
-        if not _traced(x0, x1, labels):  # eagerly: one compiled solve per coupling and shape
+        if not is_traced(x0, x1, labels):  # eagerly: one compiled solve per coupling and shape
             return _jitted_solution(self, jax.random.key(0), x0, x1, labels)[1]
         return self._plan(*self._solve(x0, x1, labels))
 
@@ -198,7 +193,7 @@ class Sinkhorn(Coupling):
     def _pairs_with_details(self, key, x0, x1, labels=None):
         if key is None:
             raise ValueError("key is required: the Sinkhorn coupling samples its plan")
-        if not _traced(key, x0, x1, labels):
+        if not is_traced(key, x0, x1, labels):
             return _jitted_solution(self, key, x0, x1, labels)[0]
         return self._sample(key, *self._solve(x0, x1, labels), labels=labels)
 
