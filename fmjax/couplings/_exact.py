@@ -127,7 +127,11 @@ class Exact(Coupling):
         by a power of two so that max(|a|, |b|) lies in [0.5, 1). With ``by_label`` the int32 labels
         ``(labels0, labels1)`` (shape [n] each; labels0 = labels1 when not given) follow:
         ``(a, b, labels0, labels1)`` or ``(C, labels0, labels1)``."""
-        labels = self._labels(x0, labels0, labels1)
+        return self._host_inputs(x0, x1, self._labels(x0, labels0, labels1))
+
+    @staticmethod
+    def _host_inputs(x0, x1, labels) -> tuple[jax.Array, ...]:
+        """``host_inputs`` for labels already checked: ``(labels0, labels1)`` (int32 [n] each) or None."""
         n = x0.shape[0]
         a, b, _ = _normalised(x0.reshape(n, -1), x1.reshape(n, -1))
         if a.shape[1] <= POINTS_ON_HOST_MAX_DIM:
@@ -180,7 +184,7 @@ class Exact(Coupling):
 
     def _pairs_with_details(self, key, x0, x1, labels=None):
         n = x0.shape[0]
-        inputs = self.host_inputs(x0, x1) if labels is None else self.host_inputs(x0, x1, *labels)
+        inputs = self._host_inputs(x0, x1, labels)
         points = inputs if labels is None else inputs[:-2]
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in points]))
 

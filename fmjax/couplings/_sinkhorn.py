@@ -191,8 +191,6 @@ class Sinkhorn(Coupling):
         return jnp.where(details["fallback"], jnp.eye(n, dtype=plan.dtype) / n, plan)
 
     def _pairs_with_details(self, key, x0, x1, labels=None):
-        if key is None:
-            raise ValueError("key is required: the Sinkhorn coupling samples its plan")
         if not is_traced(key, x0, x1, labels):
             return _jitted_solution(self, key, x0, x1, labels)[0]
         return self._sample(key, *self._solve(x0, x1, labels), labels=labels)
@@ -214,6 +212,9 @@ class Sinkhorn(Coupling):
         return i, j, _status(converged, error), details
 
     def pairs(self, key, x0, x1):
+        # the one entry point that skips _check_inputs (which requires the key for the other calls)
+        if key is None:
+            raise ValueError("key is required: the Sinkhorn coupling samples its plan")
         i, j, _, _ = self._pairs_with_details(key, x0, x1)
         return i, j
 
