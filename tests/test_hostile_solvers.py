@@ -20,7 +20,7 @@ import pytest
 from _host_devices import run_json
 from jax.sharding import Mesh
 
-import fmjax.couplings as couplings_module
+import fmjax.couplings._exact as exact_module
 from fmjax._assignment import solve_assignment, solve_assignment_points, solve_assignment_pot
 from fmjax.couplings import (
     COUPLINGS,
@@ -38,6 +38,7 @@ from fmjax.couplings import (
     schrodinger_bridge,
     sinkhorn,
 )
+from fmjax.couplings._sinkhorn import _jitted_solution
 from fmjax.runs.pipeline import HostPairs
 
 KEY = jax.random.key(0)
@@ -218,7 +219,7 @@ def test_sinkhorn_on_nan_under_jit_falls_back_to_the_identity_and_says_so():
     x0 = X0.at[5, 1].set(jnp.nan)
     coupling = sinkhorn()
     # the solve behind every call (jitted; shared with the eager calls on this shape)
-    (i, j, status, _), plan = couplings_module._jitted_solution(coupling, KEY, x0, X1)
+    (i, j, status, _), plan = _jitted_solution(coupling, KEY, x0, X1)
     np.testing.assert_array_equal(j, np.arange(64))
     assert _status(status) == (False, math.inf)
     np.testing.assert_array_equal(plan, np.eye(64, dtype=np.float32) / 64)
@@ -298,14 +299,14 @@ def test_a_failing_host_solver_is_a_status_under_jit_and_an_error_eagerly(monkey
     def broken(x0, x1):
         raise MemoryError("no room for the cost matrix")
 
-    monkeypatch.setattr(couplings_module, "_host_assignment_points", broken)
+    monkeypatch.setattr(exact_module, "_host_assignment_points", broken)
     _, _, (i, j), status = _jit_apply(exact())(None, X0, X1)
     np.testing.assert_array_equal(j, np.arange(64))
     assert _status(status) == (False, math.inf)
     with pytest.raises(RuntimeError, match="exact coupling: the host assignment solve failed"):
         exact()(None, X0, X1)
     # a solver answer that is no permutation counts as a failure too
-    monkeypatch.setattr(couplings_module, "_host_assignment_points", lambda a, b: np.zeros(len(a), np.int32))
+    monkeypatch.setattr(exact_module, "_host_assignment_points", lambda a, b: np.zeros(len(a), np.int32))
     assert _status(_jit_apply(exact())(None, X0 + 1, X1)[3]) == (False, math.inf)
 
 
