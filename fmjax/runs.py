@@ -53,6 +53,14 @@ from fmjax.paths import PATHS, make_path
 from fmjax.sampling import SOLVERS, as_velocity, sample
 from fmjax.training import TrainState, make_train_step
 
+STREAMS = {"init": 1, "data": 2, "eval": 3, "generate": 4, "nll": 5, "reflow": 6, "few_step": 7}
+
+
+def stream_key(seed: int, name: str) -> jax.Array:
+    """The key of the run's random stream ``name`` (STREAMS) for ``seed``."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), STREAMS[name])
+
+
 __all__ = [
     "RunConfig",
     "Run",
