@@ -29,9 +29,17 @@ The loop is fmjax's pieces: ``make_train_step`` (jitted; data-parallel over all 
 there are several), ``fmjax.data.sources.ImageSource`` on ``data_source("cifar10")`` (a step's
 images are a function of the step alone), and ``fmjax.checkpoint.Checkpointer`` (orbax). Run again
 with the same ``--out`` to resume from the newest checkpoint that reads back; the steps after it are
-repeated exactly (same images, flips, noise and times). ``fmjax train`` can also express the model,
-optimiser and flips (the README gives the command); it dequantises the images, which this recipe, as
-TorchCFM's, does not.
+repeated exactly (same images, flips, noise and times). The random streams are the runs' own
+(``fmjax.runs.stream_key``): the initial state from "init", each step's flips and noise from "data".
+
+Why a loop of its own and not ``fmjax.runs.train``: a ``RunConfig`` expresses the model, the optimiser
+(Adam is AdamW with weight decay 0; warm-up and clip) and the step, and a source of this file's own could
+give it the recipe's batches (x / 127.5 - 1 with flips, no dequantisation). What ``fmjax.runs.train``
+lacks is the rest of the recipe's run: a grid of EMA samples at every save point, drawn while the run
+goes on (it has no hook with the state at a checkpoint); resuming with a larger ``steps`` (or another
+``save_every``, ``log_every``, ``keep_checkpoints``), which it refuses once a checkpoint exists because the
+configuration differs; keeping every checkpoint (``keep_checkpoints`` must be a number there); and the
+learning rate of each record in ``metrics.jsonl``.
 
 On a machine with the data (tfds's ``cifar10`` prepared under ``--data-dir``; the first use downloads
 it) and an accelerator:
@@ -66,6 +74,7 @@ from fmjax.data.sources import ImageSource
 from fmjax.data.tfds_sources import data_source
 from fmjax.models import UNet, functional
 from fmjax.paths import Linear
+from fmjax.runs import stream_key
 from fmjax.sampling import as_velocity, sample
 from fmjax.training import TrainState, make_train_step
 
@@ -198,7 +207,7 @@ def build(recipe: Recipe) -> tuple[Any, optax.GradientTransformation, TrainState
     deterministic; ``apply_fn(params, t, x, dropout_key=key)`` applies the recipe's dropout."""
     apply_fn, params = functional(make_model(recipe))
     optimizer = make_optimizer(recipe)
-    key = jax.random.fold_in(jax.random.PRNGKey(recipe.seed), 1)
+    key = stream_key(recipe.seed, "init")
     return apply_fn, optimizer, TrainState.create(params=params, optimizer=optimizer, key=key)
 
 
@@ -271,7 +280,7 @@ def train(
         log_grad_norm=True,
         mesh=mesh,
     )
-    data_key = jax.random.fold_in(jax.random.PRNGKey(recipe.seed), 2)
+    data_key = stream_key(recipe.seed, "data")
     flip = recipe.horizontal_flip
 
     @jax.jit

@@ -6,7 +6,16 @@ the CondOT field (sigma_min = 1e-4) from N(0, I) to the digits' 17 grey levels d
 replaced by the null class with probability ``cond_dropout`` = 0.1 so that one network learns both
 the conditional and the unconditional field. It is trained with the library's step directly,
 ``make_train_step(apply_fn, optimizer, path=..., cond_dropout=..., null_cond=...)`` called as
-``step(state, x0, x1, labels)``, one jitted step per call (a scanned UNet step is slow on XLA:CPU).
+``step(state, x0, x1, labels)``, one jitted step per call; each step's batch comes from the runs' "data"
+stream and the sampling noise from their "eval" stream (``fmjax.runs.stream_key``).
+
+Why a loop of its own and not ``fmjax.runs.train``: the learning rate decays along a cosine to 5% of
+its start (``optax.cosine_decay_schedule``), and a ``RunConfig``'s optimiser is AdamW at a constant
+rate after an optional linear warm-up; the results were measured with the decay. The rest would fit:
+``RunConfig(dataset="digits", conditional=True, cond_dropout=0.1, width=16, channel_mults=(1, 2))``
+builds the same UNet and step, and a source of the 17-level digits (``pair_cond``) would draw the same
+batches from the same per-step keys. (Its state's key is ``PRNGKey(seed)``, not the runs' "init"
+stream, so a conversion would also draw other times t and dropped labels.)
 
 Its EMA parameters are then sampled class by class with ``guided_velocity(apply_fn, params, labels,
 scale=w, null_cond=10)``, v_null + w (v_cond - v_null), from the same noise at every guidance scale
@@ -53,6 +62,7 @@ from fmjax.digits_classifier import (
 from fmjax.guidance import guided_velocity
 from fmjax.models import UNet, functional
 from fmjax.paths import CondOT
+from fmjax.runs import stream_key
 from fmjax.sampling import sample
 from fmjax.training import TrainState, make_train_step
 
@@ -106,7 +116,7 @@ def train_conditional(levels, labels, settings, *, seed: int):
         ema_decay=settings["ema_decay"],
     )
     levels, labels = jnp.asarray(levels), jnp.asarray(labels, jnp.int32)
-    data_key = jax.random.fold_in(jax.random.PRNGKey(seed), 2)
+    data_key = stream_key(seed, "data")
     batch_size = settings["batch_size"]
 
     @jax.jit
@@ -194,7 +204,7 @@ def run(
     train_seconds = time.perf_counter() - t
     print(f"trained {settings['steps']} steps in {train_seconds:.0f} s, loss {losses[-1][1]:.4f}", flush=True)
 
-    x0 = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), 3), (len(asked), *SHAPE))
+    x0 = jax.random.normal(stream_key(seed, "eval"), (len(asked), *SHAPE))
     solves = [(settings["solver"], settings["euler_steps"] if settings["solver"] == "euler" else None)]
     if settings["solver"] != "euler":
         solves.append(("euler", settings["euler_steps"]))

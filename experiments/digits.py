@@ -15,6 +15,12 @@ evaluation) with dopri5 and one dequantisation draw (the usual bound). The floor
 full-covariance Gaussian fitted to the same dequantised training digits and scored with the same
 bound; a flow that does not beat it has learned nothing a Gaussian could not.
 
+Why a loop of its own and not ``fmjax.runs.train``: a ``RunConfig`` without a dataset builds a 2D MLP
+(``MLP(dim=2)``) and one with a dataset a UNet, so this MLP on the flattened 64-pixel digits is no model
+a run can train; a run's optimiser is AdamW at a constant rate after an optional linear warm-up, not
+this cosine decay to 10%; and the checkpoint is chosen by exact validation bits/dim of the EMA
+parameters every ``--eval-every`` steps, scored as training goes on.
+
     python -m experiments.digits                    # writes experiments/results/digits.md and digits.png
     python -m experiments.digits --steps 200 --eval-every 100 --test-images 16 --out /tmp/smoke
 """

@@ -9,9 +9,20 @@ path with sigma = 0 (x_t = (1 - t) x0 + t x1, u_t = x1 - x0, as Tong et al.'s CI
 N(0, I) to the 1437 training digits, one with the independent coupling (I-CFM) and one with the exact
 minibatch OT coupling (OT-CFM, ``fmjax.couplings.exact()``), through the library's step
 (``make_train_step(apply_fn, optimizer, path=Linear(sigma=0), coupling=...)``, one jitted step per
-call: a scanned UNet step is slow on XLA:CPU). The two runs of a seed share everything but the
-coupling: initial weights, the batches of digits, their dequantisation and the noise drawn for them
-(the coupling then re-pairs noise and digits), the times t, and the evaluation noise.
+call). The two runs of a seed share everything but the coupling: initial weights, the batches of
+digits, their dequantisation and the noise drawn for them (the coupling then re-pairs noise and
+digits), the times t, and the evaluation noise. The batches come from the runs' "data" stream and the
+evaluation noise from their "eval" stream (``fmjax.runs.stream_key``); the state's key, which draws
+the times, is ``PRNGKey(seed)``.
+
+Why a loop of its own and not ``fmjax.runs.train``: the learning rate decays along a cosine to 5% of
+its start (``optax.cosine_decay_schedule``), and a ``RunConfig``'s optimiser is AdamW at a constant
+rate after an optional linear warm-up; the results were measured with the decay. The rest would fit:
+``RunConfig(dataset="digits", width=16, channel_mults=(1, 2), path="linear", sigma=0, coupling=...)``
+builds the same UNet and step, a source of the 17-level digits would draw the same batches from the
+same per-step keys, and the evaluations along training could read checkpoints kept at those steps.
+(Its state's key is ``PRNGKey(seed)``, not the runs' "init" stream, so a conversion would also draw
+other times t.)
 
 Representation: the digits' 17 grey levels k = 0..16, recovered exactly from fmjax's stored 0..255
 copy, dequantised into [-1, 1) as z = 2 (k + u) / 17 - 1, u ~ U[0, 1) (experiments/digits.py and
@@ -65,6 +76,7 @@ from fmjax.couplings import make_coupling
 from fmjax.metrics import wasserstein2
 from fmjax.models import UNet, functional
 from fmjax.paths import Linear
+from fmjax.runs import stream_key
 from fmjax.sampling import as_velocity, sample
 from fmjax.training import TrainState, make_train_step
 
@@ -176,7 +188,7 @@ def train_and_evaluate(
     """
     optimizer, one = stepper
     state = TrainState.create(params=params, optimizer=optimizer, key=jax.random.PRNGKey(seed))
-    data_key = jax.random.fold_in(jax.random.PRNGKey(seed), 2)
+    data_key = stream_key(seed, "data")
 
     def evaluate(steps: int | None) -> dict:
         start = time.perf_counter()
@@ -246,7 +258,7 @@ def run(settings: dict, *, data_dir: str | None = None, classifier: Classifier |
     runs = []
     for seed in settings["seeds"]:
         _, params = functional(UNet(channels=settings["channels"], channel_mults=(1, 2), seed=seed))
-        x0_eval = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), 3), (n, *SHAPE))
+        x0_eval = jax.random.normal(stream_key(seed, "eval"), (n, *SHAPE))
         for method in METHODS:
             runs.append(
                 train_and_evaluate(

@@ -7,15 +7,18 @@ each batch. This experiment measures both and their combination on 8gaussians ->
 and the 8x8 scikit-learn digits (N(0, I) -> images, the UNet of ``fmjax train --dataset digits``):
 
 - teachers: I-CFM (independent coupling) and OT-CFM (exact minibatch OT), trained by ``fmjax.runs.train``
-  on the task's own data (2D: the straight path with sigma = 0.1 of the OT-CFM protocol; digits: sigma 0);
+  on the task's own data (2D: the straight path with sigma = 0.1 of the OT-CFM protocol; digits: sigma 0,
+  the ``ImageSource`` of ``fmjax train --dataset digits``);
 - k reflows: ``fmjax.reflow.reflow_pairs`` solves the previous model with dopri5 (rtol = atol = 1e-5) from
   fresh source points, ``fmjax.data.pairs.save_pairs`` stores the pairs, and a student with the same
   architecture and number of steps is trained from scratch on them (``PairSource``, coupling
   "independent" keeps the pairing, straight path with sigma = 0).
 
-The digits models go through ``train_digits`` instead of ``fmjax.runs.train``: the same configuration,
-step, sources and keys, one jitted step per call, because the scanned loop runs the UNet's training step
-about 20 times slower on CPU (see there).
+Every model, 2D and digits, is trained by ``fmjax.runs.train`` (on CPU it dispatches an image run's
+steps one at a time). The digits models of results/straightness.md were trained by this script's earlier
+loop of its own (``train_digits``: the run's step, sources and per-step keys, one jitted step per call);
+``fmjax.runs.train`` gives the same parameters bit for bit (digits: with ``pipeline=False``, the exact
+coupling solved inside the step as that loop did), so its rows stand.
 
 Every model is evaluated with its EMA parameters on held-out source points: the distance to the target at
 1, 2, 4 and 8 Euler steps and with dopri5 (2D: exact W2 against as many target points, ``wasserstein2``;
@@ -35,7 +38,7 @@ reflow pairs.
 Runs, reflow pairs and figure data live under ``--work`` (default runs/straightness, one directory per
 model); every evaluated model is recorded in ``<out>/straightness.json`` at once, so running the command
 again skips what is recorded and resumes what is not (an interrupted 2D training resumes from its
-checkpoint, its wall seconds then counting the resumed part only; a digits model starts again). The
+checkpoint, its wall seconds then counting the resumed part only). The
 table and the figures are rebuilt from the records of the settings given on the command line, so the 2D
 and digits invocations add up to one report.
 """
@@ -49,7 +52,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fmjax.couplings import exact, independent
@@ -69,6 +71,10 @@ BASES = {"I-CFM": "independent", "OT-CFM": "exact"}
 EULER_STEPS = (1, 2, 4, 8)
 TEACHER_SIGMA_2D = 0.1  # the OT-CFM papers' 2D protocol; students train on deterministic pairs, sigma 0
 CROSSING_PAIRS = 1024
+# The experiment's own random streams, PRNGKey(offset + seed), apart from those of its runs
+# (fmjax.runs.STREAMS): held-out evaluation points, the source points of reflow pairs, the minibatches
+# whose crossing is measured.
+SEED_OFFSETS = {"eval": 10_000, "reflow_pairs": 20_000, "crossing": 30_000}
 DIGITS_SHAPE = (8, 8, 1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -168,7 +174,7 @@ def source_points(task: str, key: jax.Array, n: int) -> jax.Array:
 
 def evaluation_data(task: str, seed: int, n: int) -> dict:
     """Held-out source points and the reference target of (task, seed), the same for every method."""
-    key = jax.random.fold_in(jax.random.PRNGKey(10_000 + seed), 7)
+    key = jax.random.fold_in(jax.random.PRNGKey(SEED_OFFSETS["eval"] + seed), 7)
     k_source, k_target = jax.random.split(key)
     x0 = source_points(task, k_source, n)
     if task == "digits":
@@ -220,7 +226,7 @@ def training_pairs_crossing(task: str, base: str, seed: int, batch_size: int, pa
         return crossing_fraction(pairs[0][:CROSSING_PAIRS], pairs[1][:CROSSING_PAIRS])
     coupling = jax.jit(exact() if BASES[base] == "exact" else independent())
     source, target = TASKS[task]
-    key = jax.random.fold_in(jax.random.PRNGKey(30_000 + seed), 3)
+    key = jax.random.fold_in(jax.random.PRNGKey(SEED_OFFSETS["crossing"] + seed), 3)
     batches = max(1, math.ceil(CROSSING_PAIRS / batch_size))
     starts, ends = [], []
     for k in range(batches):
@@ -263,67 +269,14 @@ def evaluate(task: str, velocity, data: dict) -> tuple[dict, dict]:
 # --- one model ------------------------------------------------------------------------------------
 
 
-def train_digits(config: RunConfig, run_dir: str, source=None):
-    """A digits model with the run's own step, data and keys, dispatched one step per call.
-
-    ``fmjax.runs.train`` runs its steps under ``lax.scan``, where on CPU the UNet's training step takes
-    about 1.2 s instead of 0.05 s jitted alone (measured for the 16-channel UNet at batch 128; the
-    forward pass alone is as fast in a scan, and an unrolled scan is fast too: XLA:CPU's backward
-    convolutions inside a while loop), so the digits models are trained here instead: the same
-    ``config.make_step`` (path, coupling, EMA), the same source (``ImageSource`` over the digits, or the
-    reflow ``PairSource``) and the same per-step keys as ``fmjax.runs.train`` (the I-CFM teacher's mean
-    loss over its first 500 steps, 0.625554, is the one ``fmjax.runs.train`` logged for the same
-    configuration). Only the final state is kept (``state.npz``); an interrupted model starts again.
-    """
-    from fmjax.data.sources import ImageSource
-    from fmjax.data.tfds_sources import data_source
-    from fmjax.runs import Run
-
-    run = Run.build(config)
-    saved = os.path.join(run_dir, "state.npz")
-    treedef = jax.tree.structure(run.state)
-    if os.path.exists(saved):
-        with np.load(saved) as f:
-            leaves = [f[f"leaf{k}"] for k in range(len(f.files))]
-        run.state = jax.tree.unflatten(treedef, [jnp.asarray(leaf) for leaf in leaves])
-        return run
-    if source is None:
-        records = data_source("digits", split="train")
-        source = ImageSource(records, batch_size=config.batch_size, seed=config.seed)
-    step = config.make_step(run.apply_fn, run.optimizer)
-    data_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
-
-    @jax.jit
-    def one(state, host):
-        return step(state, *source.pair(jax.random.fold_in(data_key, state.step), host))
-
-    os.makedirs(run_dir, exist_ok=True)
-    state, losses = run.state, []
-    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as log:
-        for k in range(config.steps):
-            state, metrics = one(state, source.host_batch(k))
-            losses.append(metrics["loss"])
-            if (k + 1) % config.log_every == 0 or k + 1 == config.steps:
-                loss = float(np.mean(jax.device_get(losses)))
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"{run_dir}: the loss became {loss} by step {k + 1}")
-                log.write(json.dumps({"step": k + 1, "loss": loss}) + "\n")
-                losses = []
-    leaves = {f"leaf{k}": np.asarray(leaf) for k, leaf in enumerate(jax.tree.leaves(state))}
-    np.savez(saved + ".tmp.npz", **leaves)
-    os.replace(saved + ".tmp.npz", saved)
-    run.state = state
-    return run
-
-
 def _timed_train(config: RunConfig, run_dir: str, source=None):
     """Train (or resume) a run; the wall seconds of the session that finished it, kept beside the run."""
     marker = os.path.join(run_dir, "experiment_seconds.json")
     start = time.perf_counter()
-    if config.dataset == "digits":
-        run = train_digits(config, run_dir, source=source)
-    else:
-        run = train(config, run_dir, source=source)
+    # digits: the exact coupling solved inside the step, as by the loop the digits rows were measured
+    # with; pipelined (the pairs an input of the step) XLA compiles another program, whose parameters
+    # differ from those in the last bits
+    run = train(config, run_dir, source=source, pipeline=config.dataset is None)
     jax.block_until_ready(run.state.ema_params)
     seconds = time.perf_counter() - start
     if os.path.exists(marker):  # finished before (the record was not written): its first timing counts
@@ -360,13 +313,7 @@ class Models:
     def velocity(self, base: str, reflows: int):
         """The EMA velocity of a trained model (loaded from its run directory if not in memory)."""
         if (base, reflows) not in self.velocities:
-            run_dir = self.run_dir(base, reflows)
-            if self.task == "digits":  # its state is saved by train_digits, which loads it back
-                config = run_config(self.task, base, reflows, self.seed, self.chosen)
-                run = train_digits(config, run_dir)
-            else:
-                run = load_run(run_dir)
-            self.velocities[base, reflows] = self._velocity(run)
+            self.velocities[base, reflows] = self._velocity(load_run(self.run_dir(base, reflows)))
         return self.velocities[base, reflows]
 
     def pairs(self, base: str, reflows: int) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -375,7 +322,8 @@ class Models:
         if not os.path.exists(path):
             parent = self.velocity(base, reflows - 1)
             key = jax.random.fold_in(
-                jax.random.PRNGKey(20_000 + self.seed), 10 * reflows + list(BASES).index(base)
+                jax.random.PRNGKey(SEED_OFFSETS["reflow_pairs"] + self.seed),
+                10 * reflows + list(BASES).index(base),
             )
             x0 = source_points(self.task, key, self.chosen["pairs"])
             start = time.perf_counter()
@@ -753,10 +701,10 @@ Other observations:
   128, 2,048 reflow pairs per student, one reflow, FD on 1,024 samples; 3 seeds, 53 minutes of
   training, pair solves and evaluation on the shared CPU. A 64-channel UNet's gradient step
   is about 10 times slower on this CPU (0.58 s against 0.06 s at batch 128, measured). The digits models
-  are trained by this script's ``train_digits`` (one jitted step per call, otherwise the run's own step,
-  sources and keys) rather than by ``fmjax.runs.train``, whose scanned loop runs the UNet's training step
-  about 20 times slower on CPU (1.2 s against 0.05 s per step, measured; a UNet run through it did 500
-  steps in 433 s).
+  were trained by this script's own loop (``train_digits``: one jitted step per call, otherwise the run's
+  own step, sources and keys), when ``fmjax.runs.train`` still ran a UNet's steps under ``lax.scan``
+  (1.2 s against 0.05 s per step on CPU); ``fmjax.runs.train`` now dispatches them one at a time and
+  trains the same parameters, bit for bit.
 - The digits metric is the Fréchet distance of Gaussians fitted to the raw pixels (64 dimensions, in the
   training space [-1, 1) with the real digits dequantised), not of a classifier's features: the table
   predates fmjax's digits classifier (``fmjax.digits_classifier.digits_frechet_distance``). It measures first and
