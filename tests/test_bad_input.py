@@ -333,9 +333,9 @@ def test_cli_nan_is_one_line_and_names_the_step(tmp_path, capsys):
 
 def _poison_at(monkeypatch, bad_step):
     """Make the toy run's step see a NaN target point at step ``bad_step`` (1-based)."""
-    from fmjax import runs
+    from fmjax.runs import config
 
-    real = runs.make_train_step
+    real = config.make_train_step
 
     def patched(*args, **kwargs):
         step = real(*args, **kwargs)
@@ -345,7 +345,7 @@ def _poison_at(monkeypatch, bad_step):
 
         return poisoned
 
-    monkeypatch.setattr(runs, "make_train_step", patched)
+    monkeypatch.setattr(config, "make_train_step", patched)
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])

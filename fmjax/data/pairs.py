@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from fmjax._checks import check_finite, check_int, check_pair
-from fmjax.data.sources import epoch_order
+from fmjax.data.sources import EpochBatches
 
 __all__ = ["save_pairs", "load_pairs", "PairSource"]
 
@@ -132,35 +132,22 @@ class PairSource:
         check_int("process_index", process_index, low=0)
         if process_index >= process_count:
             raise ValueError(f"process_index must be < process_count {process_count}; got {process_index}")
-        if batch_size % process_count:
-            raise ValueError(f"batch_size {batch_size} must be a multiple of the {process_count} processes")
         x0, x1, self.metadata = load_pairs(path)
         size = len(x0)
-        if batch_size > size:
-            raise ValueError(
-                f"batch_size {batch_size} is larger than the {size} pairs in {os.fspath(path)!r}"
-            )
+        batches = EpochBatches(
+            size, batch_size=batch_size, seed=seed, process_index=process_index, process_count=process_count,
+            what=f"the {size} pairs in {os.fspath(path)!r}",
+        )  # fmt: skip
         self.x0, self.x1 = x0.astype(np.float32), x1.astype(np.float32)
         self.batch_size = batch_size
         self.seed = seed
         self.process_index = process_index
-        self.local_batch = batch_size // process_count
-        self.steps_per_epoch = size // batch_size
-        self._order_cache: tuple[int, np.ndarray] | None = None
+        self.local_batch = batches.local_batch
+        self.steps_per_epoch = batches.steps_per_epoch
+        self.indices = batches.indices
 
     def __len__(self) -> int:
         return len(self.x0)
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if self._order_cache is None or self._order_cache[0] != epoch:
-            self._order_cache = (epoch, epoch_order(len(self.x0), self.seed, epoch))
-        return self._order_cache[1]
-
-    def indices(self, step: int) -> np.ndarray:
-        """Indices of the pairs this process reads at ``step`` (shape [batch_size / process_count])."""
-        epoch, batch = divmod(step, self.steps_per_epoch)
-        begin = batch * self.batch_size + self.process_index * self.local_batch
-        return self._order(epoch)[begin : begin + self.local_batch]
 
     def host_batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's pairs of ``step``: ``{"x0", "x1"}``, each [batch_size / process_count, *dims]."""

@@ -26,10 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmjax._checks import check_bool, check_int
+from fmjax._errors import ArgumentError
 from fmjax.data.toy import sample as toy_sample
 from fmjax.data.toy import sample_labeled
 
-__all__ = ["ToySource", "ImageSource", "dequantise"]
+__all__ = ["ToySource", "ImageSource", "EpochBatches", "dequantise"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -78,6 +79,44 @@ def epoch_order(size: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(size)
 
 
+class EpochBatches:
+    """Which of ``size`` records each step reads: every epoch a fresh permutation (``epoch_order``) cut
+    into global batches of ``batch_size`` (an incomplete last one dropped); step s reads global batch
+    s % steps_per_epoch of epoch s // steps_per_epoch, and process p of P its contiguous share. A batch
+    is a function of (seed, step), so a resumed run reads what an uninterrupted one read.
+
+    ``what`` names the records in the error of a batch larger than them (``"the dataset (N records)"``).
+    """
+
+    def __init__(
+        self, size: int, *, batch_size: int, seed: int, process_index: int, process_count: int, what: str
+    ):
+        if batch_size % process_count:
+            raise ArgumentError(
+                lambda n: (
+                    f"{n('batch_size')} {batch_size} must be a multiple of the {process_count} processes"
+                )
+            )
+        if size < batch_size:
+            raise ArgumentError(lambda n: f"{n('batch_size')} {batch_size} is larger than {what}")
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.process_index = process_index
+        self.local_batch = batch_size // process_count
+        self.steps_per_epoch = size // batch_size
+        self._order_cache: tuple[int, np.ndarray] | None = None
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            self._order_cache = (epoch, epoch_order(self.size, self.seed, epoch))
+        return self._order_cache[1]
+
+    def indices(self, step: int) -> np.ndarray:
+        """Record indices this process reads at ``step`` (shape [batch_size / process_count])."""
+        epoch, batch = divmod(step, self.steps_per_epoch)
+        begin = batch * self.batch_size + self.process_index * self.local_batch
+        return self._order(epoch)[begin : begin + self.local_batch]
+
+
 class ImageSource:
     """Images of a tfds data source as the target; N(0, I) noise of the same shape as the source.
 
@@ -105,20 +144,20 @@ class ImageSource:
     ):
         check_int("batch_size", batch_size, low=1)
         self.hflip = check_bool("hflip", hflip)
-        if batch_size % process_count:
-            raise ValueError(f"batch_size {batch_size} must be a multiple of the {process_count} processes")
         size = len(records)
-        if size < batch_size:
-            raise ValueError(f"batch_size {batch_size} is larger than the dataset ({size} records)")
+        batches = EpochBatches(
+            size, batch_size=batch_size, seed=seed, process_index=process_index, process_count=process_count,
+            what=f"the dataset ({size} records)",
+        )  # fmt: skip
         self.records = records
         self.batch_size = batch_size
         self.seed = seed
         self.process_index = process_index
-        self.local_batch = batch_size // process_count
-        self.steps_per_epoch = size // batch_size
+        self.local_batch = batches.local_batch
+        self.steps_per_epoch = batches.steps_per_epoch
+        self.indices = batches.indices
         first = np.asarray(records[0]["image"])
         self.image_shape = tuple(first.shape)
-        self._order_cache: tuple[int, np.ndarray] | None = None
         self.labels = bool(labels)
         self._images = self._labels = None
         if size * first.nbytes <= cache_bytes:
@@ -129,17 +168,6 @@ class ImageSource:
 
         parts = [read_batch(self.records, np.arange(k, min(k + chunk, size))) for k in range(0, size, chunk)]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if self._order_cache is None or self._order_cache[0] != epoch:
-            self._order_cache = (epoch, epoch_order(len(self.records), self.seed, epoch))
-        return self._order_cache[1]
-
-    def indices(self, step: int) -> np.ndarray:
-        """Record indices this process reads at ``step`` (shape [batch_size / process_count])."""
-        epoch, batch = divmod(step, self.steps_per_epoch)
-        begin = batch * self.batch_size + self.process_index * self.local_batch
-        return self._order(epoch)[begin : begin + self.local_batch]
 
     def host_batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's uint8 images of ``step``, shape [batch_size / process_count, H, W, C] (and

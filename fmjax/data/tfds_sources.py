@@ -29,6 +29,7 @@ from tensorflow_datasets.core.data_sources.base import BaseDataSource as _TfdsDa
 from tensorflow_datasets.proto import tf_example_pb2
 
 from fmjax._checks import check_choice, check_int
+from fmjax._errors import ArgumentError
 
 __all__ = ["SklearnDigits", "DATASETS", "data_source", "read_batch", "batches", "to_model_space"]
 
@@ -218,8 +219,8 @@ def batches(
     if size == 0:
         raise ValueError("the data source is empty")
     if size // process_count < batch_size:
-        raise ValueError(
-            f"batch_size {batch_size} is larger than this process's share of the data "
+        raise ArgumentError(
+            lambda n: f"{n('batch_size')} {batch_size} is larger than this process's share of the data "
             f"({size // process_count})"
         )
     global_batch = batch_size * process_count

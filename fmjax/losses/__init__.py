@@ -17,11 +17,10 @@ couple and draw times with ``common.couple``, and compute its terms from the ``P
 """
 
 from fmjax.losses.cfm import TARGETS, LossAux, cfm_loss
-from fmjax.losses.common import REDUCTIONS, ApplyFn, class_labels, drop_cond
+from fmjax.losses.common import REDUCTIONS, class_labels, drop_cond
 from fmjax.losses.sf2m import SF2MAux, check_flow_and_score, sf2m_loss, two_networks
 
 __all__ = [
-    "ApplyFn",
     "LossAux",
     "SF2MAux",
     "cfm_loss",
