@@ -428,6 +428,9 @@ FULL_DISK_RUN = [
 ]  # fmt: skip
 
 
+# a full disk while writing checkpoints: tests/test_hostile_rundir.py injects write faults in the default
+# selection; this run fills a real 500 kB tmpfs
+@pytest.mark.slow
 def test_cli_full_disk_on_a_small_tmpfs(tmp_path):
     """A real full disk (a 500 KiB tmpfs in a private mount namespace): one line, exit 2, the
     checkpoints already written are bitwise those of an uninterrupted run, and the run resumes

@@ -1,8 +1,11 @@
 """The fmjax command."""
 
+import contextlib
+import io
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,9 +17,26 @@ from fmjax.cli import main
 SMALL = ["--steps", "200", "--batch-size", "64", "--width", "16", "--eval-samples", "300", "--no-progress"]
 
 
-def test_train_writes_a_complete_run(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert main(["train", "--out", str(out), *SMALL]) == 0
+# one complete run shared by the tests that read it (those that write into it work on a copy)
+RUN_ARGS = [*SMALL, "--source", "gaussian"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished run of RUN_ARGS (with its plots) and what the command printed."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["train", "--out", str(out), *RUN_ARGS]) == 0
+    return out, printed.getvalue()
+
+
+def _copy(finished, tmp_path):
+    return shutil.copytree(finished[0], tmp_path / "run")
+
+
+def test_train_writes_a_complete_run(finished):
+    out, printed = finished
     for name in (
         "config.json",
         "metrics.jsonl",
@@ -34,16 +54,13 @@ def test_train_writes_a_complete_run(tmp_path, capsys):
     assert records[-1]["event"] == "eval"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["nfe"] > 0 and 0 < summary["w2"] < summary["w2_source_target"]
-    printed = capsys.readouterr().out
     assert f"W2 = {summary['w2']:.4f}" in printed and f"NFE = {summary['nfe']}" in printed
 
 
-def test_resumed_config_rebuilds_the_trained_state(tmp_path):
+def test_resumed_config_rebuilds_the_trained_state(finished):
     from fmjax.runs import load_run
 
-    out = tmp_path / "run"
-    assert main(["train", "--out", str(out), *SMALL, "--no-plots"]) == 0
-    run = load_run(out)
+    run = load_run(finished[0])
     assert int(run.state.step) == 200
 
 
@@ -92,12 +109,10 @@ def test_a_broken_config_is_reported_and_kept(tmp_path, capsys):
     assert (out / "config.json").read_text() == "precious" and sorted(os.listdir(out)) == ["config.json"]
 
 
-def test_a_run_of_another_configuration_is_not_touched(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert main(["train", "--out", str(out), *SMALL, "--no-plots"]) == 0
+def test_a_run_of_another_configuration_is_not_touched(finished, capsys):
+    out = finished[0]
     before = {p: (out / p).read_bytes() for p in ("config.json", "metrics.jsonl", "summary.json")}
-    capsys.readouterr()
-    assert main(["train", "--out", str(out), *SMALL, "--no-plots", "--width", "32"]) == 2
+    assert main(["train", "--out", str(out), *RUN_ARGS, "--no-plots", "--width", "32"]) == 2
     assert "belongs to a different configuration (differs in --width)" in capsys.readouterr().err
     assert {p: (out / p).read_bytes() for p in before} == before
 
@@ -120,14 +135,12 @@ def test_train_with_ot_couplings(coupling, path, tmp_path):
 
 def test_paths_without_sigma_train_with_the_default_options(tmp_path):
     out = tmp_path / "vp"
-    assert main(["train", "--out", str(out), *SMALL, "--steps", "100", "--path", "vp", "--no-plots"]) == 0
+    assert main(["train", "--out", str(out), *SMALL, "--steps", "20", "--path", "vp", "--no-eval"]) == 0
     assert json.loads((out / "config.json").read_text())["sigma"] is None
 
 
-def test_sample_and_nll_on_a_trained_run(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert main(["train", "--out", str(out), *SMALL, "--source", "gaussian", "--no-plots"]) == 0
-    capsys.readouterr()
+def test_sample_and_nll_on_a_trained_run(finished, tmp_path, capsys):
+    out = _copy(finished, tmp_path)
     assert main(["sample", str(out), "--n", "200", "--solver", "euler", "--steps", "20"]) == 0
     printed = capsys.readouterr().out
     assert "NFE = 20" in printed and (out / "samples-euler-200.png").is_file()
@@ -154,34 +167,28 @@ def test_sample_and_nll_on_a_trained_run(tmp_path, capsys):
         (["sample", "{run}", "--solver", "euler"], "--steps is required for --solver 'euler'"),
     ],
 )
-def test_run_commands_reject_bad_input(args, message, tmp_path, capsys):
-    run = tmp_path / "run"
-    assert (
-        main(["train", "--out", str(run), *SMALL, "--steps", "100", "--source", "gaussian", "--no-plots"])
-        == 0
-    )
+def test_run_commands_reject_bad_input(args, message, finished, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    capsys.readouterr()
-    paths = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "run": run}
+    paths = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "run": finished[0]}
+    listing = sorted(os.listdir(finished[0]))
     assert main([a.format(**paths) for a in args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+    assert sorted(os.listdir(finished[0])) == listing  # nothing written
 
 
 def test_nll_needs_a_source_with_a_density(tmp_path, capsys):
     run = tmp_path / "run"
-    assert (
-        main(["train", "--out", str(run), *SMALL, "--steps", "100", "--source", "moons", "--no-plots"]) == 0
-    )
+    args = ["train", "--out", str(run), *SMALL, "--steps", "20", "--source", "moons", "--no-eval"]
+    assert main(args) == 0
     capsys.readouterr()
     assert main(["nll", str(run)]) == 2
     assert "'moons' has no closed-form density" in capsys.readouterr().err
 
 
-def test_rerunning_a_finished_run_keeps_its_records(tmp_path, capsys):
-    out = tmp_path / "run"
-    args = ["train", "--out", str(out), *SMALL, "--source", "gaussian", "--no-plots"]
-    assert main(args) == 0
+def test_rerunning_a_finished_run_keeps_its_records(finished, tmp_path, capsys):
+    out = _copy(finished, tmp_path)
+    args = ["train", "--out", str(out), *RUN_ARGS]
     assert main(["nll", str(out), "--n", "50"]) == 0
     before = (out / "metrics.jsonl").read_text().splitlines()
     capsys.readouterr()
@@ -193,7 +200,7 @@ def test_rerunning_a_finished_run_keeps_its_records(tmp_path, capsys):
     assert f"W2 = {summary['w2']:.4f}" in printed and "from " in printed
     assert (out / "metrics.jsonl").read_text().splitlines() == before
     (out / "summary.json").unlink()  # no current evaluation: the rerun evaluates
-    assert main(args) == 0
+    assert main([*args, "--no-plots"]) == 0
     after = (out / "metrics.jsonl").read_text().splitlines()
     assert after[: len(before)] == before and json.loads(after[-1])["event"] == "eval"
     assert (out / "summary.json").is_file()
@@ -215,7 +222,7 @@ def test_bf16_precision_trains_like_float32_with_float32_state(tmp_path):
     losses = {}
     for precision in ("float32", "bf16"):
         out = tmp_path / precision
-        assert main(["train", "--out", str(out), *SMALL, "--no-plots", "--precision", precision]) == 0
+        assert main(["train", "--out", str(out), *SMALL, "--no-eval", "--precision", precision]) == 0
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         losses[precision] = [r["loss"] for r in records if "event" not in r]
         assert json.loads((out / "config.json").read_text())["precision"] == precision
@@ -226,11 +233,9 @@ def test_bf16_precision_trains_like_float32_with_float32_state(tmp_path):
         assert abs(a - b) < 0.01 * b
 
 
-def test_summary_and_config_record_the_devices(tmp_path):
-    out = tmp_path / "run"
-    assert main(["train", "--out", str(out), *SMALL, "--no-plots"]) == 0
-    config = json.loads((out / "config.json").read_text())
-    summary = json.loads((out / "summary.json").read_text())
+def test_summary_and_config_record_the_devices(finished):
+    config = json.loads((finished[0] / "config.json").read_text())
+    summary = json.loads((finished[0] / "summary.json").read_text())
     for record in (config["environment"], summary["environment"]):
         assert (
             record["devices"] == jax.device_count() and record["device_kind"] == jax.devices()[0].device_kind

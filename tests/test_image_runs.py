@@ -22,8 +22,8 @@ def data_dir(tmp_path, monkeypatch):
 def test_digits_run_trains_samples_and_scores_bits_per_dim(tmp_path, data_dir, capsys, divergence):
     out = tmp_path / "digits"
     args = [
-        "train", "--dataset", "digits", "--out", str(out), "--steps", "40", "--batch-size", "32",
-        "--width", "8", "--log-every", "20", "--checkpoint-every", "20", "--eval-samples", "16",
+        "train", "--dataset", "digits", "--out", str(out), "--steps", "10", "--batch-size", "32",
+        "--width", "8", "--log-every", "5", "--checkpoint-every", "5", "--eval-samples", "16",
         "--no-progress",
     ]  # fmt: skip
     assert main(args) == 0
@@ -50,6 +50,8 @@ def test_unknown_dataset_is_named(tmp_path, capsys):
     assert "dataset must be one of 'cifar10', 'digits', 'mnist'" in capsys.readouterr().err
 
 
+# resumes log each step once with the same losses: tests/test_resume.py on 2D runs in the default selection
+@pytest.mark.slow
 def test_resumed_digits_run_logs_each_step_once_with_the_same_losses(tmp_path, data_dir):
     import shutil
 

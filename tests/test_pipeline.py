@@ -147,6 +147,8 @@ def test_toy_source_matches_the_samplers():
     np.testing.assert_array_equal(x1, toy("moons", k1, 8))
 
 
+# the cost-matrix path is checked against the in-step solve above, and a pipelined 2D run end to end below
+@pytest.mark.slow
 def test_image_run_with_pipelined_exact_pairs_trains_what_the_in_step_solve_trains(tmp_path, monkeypatch):
     # 64 dims per image: the device builds the cost matrices the host solves (the cost-matrix path)
     monkeypatch.setenv("FMJAX_DATA_DIR", str(tmp_path / "tfds"))
