@@ -14,35 +14,52 @@ def data_dir(tmp_path, monkeypatch):
     return path
 
 
-# the exact divergence of a UNet's log-likelihood compiles for about a minute: with -m slow; the default run
-# checks fmjax nll's Hutchinson estimate (the divergences themselves are checked in test_likelihood.py)
-@pytest.mark.parametrize(
-    "divergence", ["hutchinson", pytest.param("exact", marks=pytest.mark.slow)]
-)
-def test_digits_run_trains_samples_and_scores_bits_per_dim(tmp_path, data_dir, capsys, divergence):
-    out = tmp_path / "digits"
-    args = [
-        "train", "--dataset", "digits", "--out", str(out), "--steps", "10", "--batch-size", "32",
-        "--width", "8", "--log-every", "5", "--checkpoint-every", "5", "--eval-samples", "16",
-        "--no-progress",
-    ]  # fmt: skip
-    assert main(args) == 0
+DIGITS = [
+    "--dataset", "digits", "--steps", "10", "--batch-size", "32", "--width", "8", "--log-every", "5",
+    "--checkpoint-every", "5", "--eval-samples", "16", "--no-progress",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """A digits run trained by ``fmjax train --no-eval`` (evaluated by the first test below: the image
+    evaluation's dopri5 grid and Hutchinson bits/dim take ~20 s with a warm compilation cache, the one
+    default test over 20 s)."""
+    root = tmp_path_factory.mktemp("digits")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FMJAX_DATA_DIR", str(root / "tfds"))
+        assert main(["train", "--out", str(root / "run"), *DIGITS, "--no-eval"]) == 0
+        yield root / "run"
+
+
+def test_the_same_command_evaluates_a_trained_digits_run(digits_run, capsys):
+    out = digits_run
+    assert main(["train", "--out", str(out), *DIGITS]) == 0  # trained: it evaluates, nothing more
+    assert "already trained (10 steps): nothing to train" in capsys.readouterr().out
     for name in ("config.json", "metrics.jsonl", "summary.json", "samples.png"):
         assert (out / name).is_file()
     config = json.loads((out / "config.json").read_text())
     assert config["path"] == "condot" and config["sigma"] == 1e-4 and config["dataset"] == "digits"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n"] == 16 and 0 < summary["bits_per_dim"] < 16 and summary["nfe"] > 0
-    capsys.readouterr()
-    # Hutchinson on the 16 images and 4 probes of the run's evaluation: the same program, read from the cache
-    options = ["--n", "16", "--num-probes", "4"] if divergence == "hutchinson" else ["--n", "8"]
-    assert main(["nll", str(out), "--divergence", divergence, *options]) == 0
+    assert sorted(summary["fd_euler_steps"]) == ["1", "2", "4", "8"] and summary["fd_test_images"] == 16
+
+
+# the exact divergence of a UNet's log-likelihood compiles for about a minute: with -m slow; the default run
+# checks fmjax nll's Hutchinson estimate (the divergences themselves are checked in test_likelihood.py)
+@pytest.mark.parametrize("divergence", ["hutchinson", pytest.param("exact", marks=pytest.mark.slow)])
+def test_nll_scores_bits_per_dim_of_test_digits(digits_run, capsys, divergence):
+    options = ["--n", "4", "--num-probes", "2"] if divergence == "hutchinson" else ["--n", "4"]
+    assert main(["nll", str(digits_run), "--divergence", divergence, *options]) == 0
     printed = capsys.readouterr().out
-    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    record = json.loads((digits_run / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["divergence"] == divergence and f"bits/dim = {record['bits_per_dim']:.4f}" in printed
-    assert 0 < record["bits_per_dim"] < 16
-    assert main(["sample", str(out), "--n", "9", "--solver", "euler", "--steps", "5"]) == 0
-    assert (out / "samples-euler-9.png").is_file()
+    assert record["n"] == 4 and 0 < record["bits_per_dim"] < 16
+
+
+def test_sample_writes_a_grid_of_digits(digits_run):
+    assert main(["sample", str(digits_run), "--n", "9", "--solver", "euler", "--steps", "5"]) == 0
+    assert (digits_run / "samples-euler-9.png").is_file()
 
 
 def test_unknown_dataset_is_named(tmp_path, capsys):
