@@ -3,38 +3,47 @@
 import pytest
 
 from benchmarks import __main__ as suite
-from benchmarks import couplings, device, likelihood, sampling, train_step
+from benchmarks import device
 
 
-@pytest.mark.slow  # the quick suite below runs the train-step section too
-def test_train_step_benchmark_runs():
-    report = train_step.main(["--batch", "32", "--width", "16", "--repeats", "1", "--inner", "2"])
+def _quick_section(name: str, monkeypatch) -> str:
+    """One section's benchmark, run as the quick suite runs it (its QUICK arguments), without peers."""
+    monkeypatch.delenv("FMJAX_PEER_PYTHON", raising=False)
+    module, args = suite.QUICK[name]
+    return module.main(args)
+
+
+def test_train_step_benchmark_runs(monkeypatch):
+    report = _quick_section("train step", monkeypatch)
     for name in ("plain I-CFM", "fmjax I-CFM", "fmjax OT-CFM (exact)"):
         assert f"| {name} |" in report
+    assert "FLOP rate" in report and "not installed" in report
 
 
-def test_coupling_benchmark_runs():
-    report = couplings.main(["--sizes", "32", "--repeats", "1", "--hungarian-max", "32"])
+def test_coupling_benchmark_runs(monkeypatch):
+    report = _quick_section("couplings", monkeypatch)
     assert "| 32 | fmjax exact |" in report and "| 32 | ott Hungarian |" in report
     exact_rows = [line for line in report.splitlines() if "exact" in line or "Hungarian" in line]
     for line in exact_rows:  # exact solvers sit at the optimum: last column is cost / optimum - 1
         assert abs(float(line.strip("| ").split("|")[-1])) < 1e-6
 
 
-def test_likelihood_benchmark_runs():
-    report = likelihood.main(["--dims", "2", "--dim", "3", "--steps", "2", "--repeats", "1"])
+def test_likelihood_benchmark_runs(monkeypatch):
+    report = _quick_section("likelihood", monkeypatch)
     assert "fmjax exact" in report and "not installed" in report
 
 
 def test_sampling_benchmark_runs(monkeypatch):
-    monkeypatch.delenv("FMJAX_PEER_PYTHON", raising=False)
-    report = sampling.main(["--points", "32", "--width", "8", "--train-steps", "5", "--repeats", "1"])
+    report = _quick_section("sampling", monkeypatch)
     row = next(line for line in report.splitlines() if line.startswith("| fmjax dopri5 |"))
     nfe = int(row.split("|")[2])
     assert nfe >= 7 and (nfe - 1) % 6 == 0  # dopri5: 6 evaluations a step (FSAL) plus the first
     assert "not installed" in report
 
 
+# The whole quick suite is the four sections above, run again and written as one report: 25-30 s on a
+# 2-core CPU, so it runs with `pytest -m slow tests/test_benchmarks.py`.
+@pytest.mark.slow
 def test_suite_writes_every_section(tmp_path, monkeypatch):
     monkeypatch.delenv("FMJAX_PEER_PYTHON", raising=False)
     out = tmp_path / "suite.md"
