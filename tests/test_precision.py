@@ -81,13 +81,17 @@ def test_what_is_cast_and_what_is_passed_through():
         mixed_precision(probe, "half-ish")
 
 
+# the smallest UNet of tests/test_unet_attention.py, one level: its initialisers are compiled once a session
+UNET = {"channels": 4, "channel_mults": (1,), "groups": 2}
+
+
 def test_bf16_unet_is_close_to_the_float32_model():
-    apply_fn, params = functional(UNet(channels=8, channel_mults=(1,), groups=4))
+    apply_fn, params = functional(UNet(**UNET))
     x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
     t = jnp.array([0.0, 0.25, 0.5, 0.75])  # exact in bfloat16: only the arithmetic is compared
     v16 = jax.jit(mixed_precision(apply_fn))(params, t, x)
     assert v16.dtype == jnp.float32
-    # GroupNorm statistics are computed in float32 by flax; measured 1.0% in norm
+    # GroupNorm statistics are computed in float32 by flax; measured 1.0-1.1% in norm (seeds 0-2)
     assert 1e-4 < _relative_error(v16, jax.jit(apply_fn)(params, t, x)) < OUTPUT_RTOL
 
 
@@ -142,7 +146,7 @@ def test_check_batch_refuses_integer_batches_naming_the_argument(dtype):
 
 
 def test_mixed_precision_keeps_the_models_dropout():
-    apply_fn, params = functional(UNet(channels=8, channel_mults=(1,), groups=4, dropout=0.5))
+    apply_fn, params = functional(UNet(**UNET, dropout=0.5))
     mixed = mixed_precision(apply_fn)
     assert mixed.takes_dropout_key is True
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
@@ -154,7 +158,7 @@ def test_mixed_precision_keeps_the_models_dropout():
     assert a.dtype == jnp.float32
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c) and not np.array_equal(a, deterministic)
-    # the key reaches the wrapped model: bf16 of the float32 model under the same key
+    # the key reaches the wrapped model: bf16 of the float32 model under the same key (measured 1.0%)
     full = apply_fn(params, t, x, dropout_key=jax.random.key(0))
     assert _relative_error(a, full) < OUTPUT_RTOL
     assert functional(MLP(dim=2, width=8, depth=1))[0].takes_dropout_key is False
