@@ -60,15 +60,23 @@ class HelpFormat(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def flags_naming(flags: dict[str, str]) -> Callable[[str], str]:
-    """A naming of arguments (``fmjax._checks.ArgumentError.named``): API name -> the command's flag,
-    other names as they are."""
+def parser_naming(parser: argparse.ArgumentParser, aliases: dict[str, str]) -> Callable[[str], str]:
+    """How a command's errors name the library's arguments (``fmjax._errors.ArgumentError.named``): an
+    argument is named by the option that sets it (its ``dest``: ``batch_size`` -> ``--batch-size``), by
+    ``aliases`` where the library spells it otherwise (``run_dir`` -> ``--out``), else as it is."""
+    flags = {
+        action.dest: max(action.option_strings, key=len)
+        for action in parser._actions
+        if action.option_strings
+    }
+    flags.update(aliases)
     return lambda name: flags.get(name, name)
 
 
-def usage_error(error: BaseException, naming: Callable[[str], str]) -> UsageError:
-    """``error`` as a one-line usage error naming the command's flags."""
-    return UsageError(message_of(error, naming))
+def one_line(error: BaseException, naming: Callable[[str], str]) -> str:
+    """The first line of ``error``'s message, naming the command's options."""
+    message = message_of(error, naming)
+    return message.splitlines()[0] if message else type(error).__name__
 
 
 def say(message: str) -> None:
@@ -84,14 +92,11 @@ def interrupted(message: str) -> int:
     return EXIT_INTERRUPTED
 
 
-def load(run_dir: str, naming: Callable[[str], str]):
+def load(run_dir: str):
     """The run, from its newest checkpoint that reads back (a warning line for each newer one that
     does not); its evaluated parameters must be finite."""
     from fmjax import runs
 
-    try:
-        run = runs.load_run(run_dir, log=warn)
-        runs.check_finite_params(run)
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        raise usage_error(error, naming) from None
+    run = runs.load_run(run_dir, log=warn)
+    runs.check_finite_params(run)
     return run

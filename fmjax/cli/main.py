@@ -21,7 +21,7 @@ import sys
 import threading
 from typing import Any
 
-from fmjax.cli.common import EXIT_USAGE, Interrupts, Parser, UsageError, interrupted
+from fmjax.cli.common import EXIT_USAGE, Interrupts, Parser, UsageError, interrupted, one_line, parser_naming
 
 # subcommand -> (its module, its one-line help)
 COMMANDS = {
@@ -72,7 +72,8 @@ def _drop_closed_loop_noise(unraisable: Any) -> None:
     sys.__unraisablehook__(unraisable)
 
 
-def _parser(chosen: str | None) -> Parser:
+def _parser(chosen: str | None) -> tuple[Parser, dict[str, Parser]]:
+    """The command's parser, and its subcommands' parsers (only the chosen one has its options)."""
     parser = Parser(prog="fmjax", description="Flow matching in JAX.")
     parser.add_argument(
         "--version", action=_Version, help="print the versions and the OT solver in use, and exit"
@@ -83,7 +84,7 @@ def _parser(chosen: str | None) -> Parser:
             importlib.import_module(module).add_parser(sub)
         else:
             sub.add_parser(name, help=help_text)
-    return parser
+    return parser, sub.choices
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,37 +98,28 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.CRITICAL)
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     sys.unraisablehook = _drop_closed_loop_noise
-    command = None
+    naming = None
     try:
-        parser = _parser(_command_in(sys.argv[1:] if argv is None else argv))
+        parser, commands = _parser(_command_in(sys.argv[1:] if argv is None else argv))
         args = parser.parse_args(argv)
-        command = args.command
         if args.command is None:
             raise UsageError(f"a command is required: one of {', '.join(COMMANDS)}")
+        module = importlib.import_module(COMMANDS[args.command][0])
+        # errors name the library's arguments by the options that set them
+        naming = args.naming = parser_naming(commands[args.command], module.ALIASES)
         if interrupts.requested():  # while the command's modules loaded
             return interrupted("interrupted before it started; nothing was written")
-        return importlib.import_module(COMMANDS[args.command][0]).run(args, interrupts)
+        return module.run(args, interrupts)
     except (UsageError, FloatingPointError, OSError, ValueError, TypeError) as error:
         # OSError: missing paths, a locked run directory, a full disk while writing (the checkpoints already
         # written stay); ValueError/TypeError: bad values the library found
-        from fmjax._errors import message_of
-
-        message = message_of(error, _naming(command))
-        message = message.splitlines()[0] if message else type(error).__name__
-        print(f"fmjax: error: {message}", file=sys.stderr)
+        print(f"fmjax: error: {one_line(error, naming or (lambda name: name))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return interrupted("interrupted; nothing already written was changed")
     finally:
         if in_main_thread:
             signal.signal(signal.SIGINT, previous)
-
-
-def _naming(command: str | None):
-    """How the errors of ``command`` name its arguments (its flags)."""
-    if command not in COMMANDS:
-        return lambda name: name
-    return importlib.import_module(COMMANDS[command][0]).naming()
 
 
 if __name__ == "__main__":

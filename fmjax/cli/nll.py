@@ -5,24 +5,13 @@ from __future__ import annotations
 
 import os
 
-from fmjax.cli.common import HelpFormat, UsageError, flags_naming, load, say, usage_error
+from fmjax.cli.common import HelpFormat, UsageError, load, say
 
 HELP = "negative log-likelihood of fresh target points under a trained run"
 
-FLAGS = {
-    "n": "--n",
-    "divergence": "--divergence",
-    "num_probes": "--num-probes",
-    "probe": "--probe",
-    "solver": "--solver",
-    "seed": "--seed",
-    "data_dir": "--data-dir",
-}
-
-
-def naming():
-    """API name -> flag of this command."""
-    return flags_naming(FLAGS)
+ALIASES: dict[
+    str, str
+] = {}  # the library's arguments are named as the options (see cli.common.parser_naming)
 
 
 def add_parser(sub) -> None:
@@ -59,22 +48,15 @@ def run(args, interrupts) -> int:
     """``fmjax nll``."""
     from fmjax.sampling import SOLVERS
 
-    names = naming()
     if args.solver in SOLVERS and not SOLVERS[args.solver].adaptive:
         adaptive = ", ".join(name for name, solver in SOLVERS.items() if solver.adaptive)
         raise UsageError(f"--solver must be adaptive ({adaptive}); got {args.solver!r}")
-    run_ = load(args.run_dir, names)
-    try:
-        _check_options(args)
-    except (ValueError, TypeError) as error:
-        raise usage_error(error, names) from None
+    run_ = load(args.run_dir)
+    _check_options(args)
     what = "images" if run_.config.kind == "images" else "target points"
     say(f"integrating the log-likelihood of {args.n} {what} ({args.divergence} divergence, {args.solver})")
     nll_kind = {"images": _images, "toy": _points}[run_.config.kind]
-    try:
-        result, message = nll_kind(run_, args)
-    except (ValueError, TypeError) as error:
-        raise usage_error(error, names) from None
+    result, message = nll_kind(run_, args)
     return _report(args.run_dir, result, message)
 
 

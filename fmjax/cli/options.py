@@ -10,7 +10,7 @@ from typing import Any
 from fmjax.data.tfds_sources import DATASETS
 from fmjax.runs.config import IMAGES, TOY, RunConfig
 
-__all__ = ["add_config_options", "config_from_args", "config_flags", "foreign_flags", "int_list"]
+__all__ = ["add_config_options", "config_from_args", "foreign_flags", "int_list"]
 
 _KIND_WORDS = {TOY: "2D runs", IMAGES: "image runs"}
 
@@ -68,11 +68,6 @@ def _help(field: dataclasses.Field) -> str:
 
 def _config_fields() -> list[dataclasses.Field]:
     return [field for field in dataclasses.fields(RunConfig) if field.metadata.get("cli", True)]
-
-
-def config_flags() -> dict[str, str]:
-    """Field name -> its flag, for every field ``fmjax train`` offers."""
-    return {field.name: RunConfig.flag(field.name) for field in _config_fields()}
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:

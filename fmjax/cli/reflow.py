@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-from fmjax.cli.common import HelpFormat, flags_naming, interrupted, say, usage_error
+from fmjax.cli.common import HelpFormat, interrupted, say
 from fmjax.cli.train import add_run_options, train_and_evaluate
 
 HELP = "rectified flow's reflow: solve a run's flow for (x0, x1) pairs, train a new run on them"
 
-FLAGS = {
-    "run_dir": "--out",
-    "pairs": "--pairs",
-    "solver": "--solver",
-    "solver_steps": "--solver-steps",
-    "init": "--init",
-    "steps": "--steps",
-    "batch_size": "--batch-size",
-    "seed": "--seed",
-    "data_dir": "--data-dir",
-    "devices": "--devices",
-}
-
-
-def naming():
-    """API name -> flag of this command."""
-    return flags_naming(FLAGS)
+ALIASES = {"run_dir": "--out"}  # the new run's directory (the teacher is the positional RUN_DIR)
 
 
 def add_parser(sub) -> None:
@@ -60,15 +44,11 @@ def run(args, interrupts) -> int:
     """``fmjax reflow``."""
     from fmjax import runs
 
-    names = naming()
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size)) if v is not None}
     if interrupts.requested():
         return interrupted("interrupted before it started; nothing was written")
-    try:
-        config, initial = runs.prepare_reflow(
-            args.run_dir, args.out, pairs=args.pairs, solver=args.solver, solver_steps=args.solver_steps,
-            init=args.init, overrides=overrides, log=say,
-        )  # fmt: skip
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        raise usage_error(error, names) from None
-    return train_and_evaluate(args, interrupts, config, args.out, [], names, initial_state=initial)
+    config, initial = runs.prepare_reflow(
+        args.run_dir, args.out, pairs=args.pairs, solver=args.solver, solver_steps=args.solver_steps,
+        init=args.init, overrides=overrides, log=say,
+    )  # fmt: skip
+    return train_and_evaluate(args, interrupts, config, args.out, [], initial_state=initial)

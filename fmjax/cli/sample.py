@@ -4,23 +4,11 @@ from __future__ import annotations
 
 import os
 
-from fmjax.cli.common import HelpFormat, UsageError, flags_naming, load, say, usage_error, warn
+from fmjax.cli.common import HelpFormat, UsageError, load, say, warn
 
 HELP = "sample a trained run: a PNG of the samples, NFE and W2"
 
-FLAGS = {
-    "n": "--n",
-    "solver": "--solver",
-    "steps": "--steps",
-    "seed": "--seed",
-    "class": "--class",
-    "guidance": "--guidance",
-}
-
-
-def naming():
-    """API name -> flag of this command."""
-    return flags_naming(FLAGS)
+ALIASES = {"class": "--class"}  # the library's name of the option --class sets (args.label)
 
 
 def add_parser(sub) -> None:
@@ -89,13 +77,9 @@ def _check_options(args) -> None:
 
 def run(args, interrupts) -> int:
     """``fmjax sample``."""
-    names = naming()
-    run_ = load(args.run_dir, names)
+    run_ = load(args.run_dir)
     _check_conditional_options(run_, args)
-    try:
-        _check_options(args)
-    except (ValueError, TypeError) as error:
-        raise usage_error(error, names) from None
+    _check_options(args)
     config = run_.config
     suffix = "" if args.label is None else f"-class-{args.label}"
     suffix += "" if args.guidance == 1.0 else f"-w{args.guidance:g}"
@@ -106,10 +90,7 @@ def run(args, interrupts) -> int:
     if config.conditional:
         what += f", guidance {args.guidance:g}" + ("" if args.label is None else f", class {args.label}")
     sample_kind = {"images": _images, "toy": _points}[config.kind]
-    try:
-        return sample_kind(run_, args, out, what)
-    except (ValueError, TypeError) as error:
-        raise usage_error(error, names) from None
+    return sample_kind(run_, args, out, what)
 
 
 def _options(args) -> dict:

@@ -12,18 +12,14 @@ import os
 import time
 from typing import Any
 
-from fmjax.cli.common import HelpFormat, UsageError, flags_naming, interrupted, say, usage_error, warn
-from fmjax.cli.options import add_config_options, config_flags, config_from_args, foreign_flags
+from fmjax.cli.common import HelpFormat, UsageError, interrupted, say, warn
+from fmjax.cli.options import add_config_options, config_from_args, foreign_flags
 
 HELP = "train a flow (2D toy data, or images with --dataset) and evaluate it"
 
-# the arguments of ``fmjax.runs.train`` that are options of the command, beside RunConfig's fields
-CALL_FLAGS = {"run_dir": "--out", "data_dir": "--data-dir", "devices": "--devices"}
-
-
-def naming():
-    """API name -> flag of ``fmjax train`` (RunConfig's fields and the call's arguments)."""
-    return flags_naming({**config_flags(), **CALL_FLAGS})
+ALIASES = {
+    "run_dir": "--out"
+}  # ``fmjax.runs.train``'s run_dir; the other arguments are named as their options
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
@@ -103,10 +99,7 @@ def _config(args):
         raise UsageError(
             f"{', '.join(foreign)}: for 2D runs only; an image run (--dataset) trains a UNet from noise"
         )
-    try:
-        return RunConfig(**given)
-    except (ValueError, TypeError) as error:
-        raise usage_error(error, naming()) from None
+    return RunConfig(**given)
 
 
 def _init_distributed(args) -> None:
@@ -157,10 +150,7 @@ def run(args, interrupts) -> int:
 
     run_dir = args.out or _default_run_dir()
     if jax.process_count() == 1:  # a quick answer before the data are read (train checks it again)
-        try:
-            runs.check_run_dir(config, run_dir)
-        except ValueError as error:
-            raise usage_error(error, naming()) from None
+        runs.check_run_dir(config, run_dir)
     if interrupts.requested():
         return interrupted("interrupted before training started; nothing was written")
 
@@ -174,7 +164,7 @@ def run(args, interrupts) -> int:
         except ModuleNotFoundError as error:
             raise UsageError(str(error)) from None
     try:
-        return train_and_evaluate(args, interrupts, config, run_dir, loggers, naming())
+        return train_and_evaluate(args, interrupts, config, run_dir, loggers)
     finally:
         for logger in loggers:
             logger.close()
@@ -191,18 +181,16 @@ class _BarLoss:
             self.bar.set_postfix(loss=f"{values['train/loss']:.4g}", refresh=False)
 
 
-def train_and_evaluate(
-    args, interrupts, config, run_dir: str, loggers: list, names, initial_state=None
-) -> int:
+def train_and_evaluate(args, interrupts, config, run_dir: str, loggers: list, initial_state=None) -> int:
     """Train ``config`` in ``run_dir`` with a progress bar, then evaluate it (``fmjax train`` and
-    ``fmjax reflow``); errors and notes name the command's flags through ``names``."""
+    ``fmjax reflow``); notes name the command's options through ``args.naming``."""
     import jax
     from tqdm import tqdm
 
     from fmjax import runs
     from fmjax._checks import message_of
 
-    for note in config.warnings(names):
+    for note in config.warnings(args.naming):
         warn(note)
     bar = tqdm(
         total=config.steps, desc="compiling", unit="step", disable=args.no_progress, dynamic_ncols=True
@@ -222,7 +210,7 @@ def train_and_evaluate(
             config,
             run_dir,
             progress=progress,
-            log=lambda message: bar.write(message_of(message, names)),
+            log=lambda message: bar.write(message_of(message, args.naming)),
             data_dir=args.data_dir,
             devices=args.devices,
             pipeline=args.pipeline,
@@ -234,8 +222,6 @@ def train_and_evaluate(
     except runs.TrainingInterrupted as stopped:
         bar.close()
         return interrupted(str(stopped))
-    except (ValueError, TypeError) as error:
-        raise usage_error(error, names) from None
     finally:
         interrupts.defer = False
         bar.close()
