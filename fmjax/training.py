@@ -247,14 +247,8 @@ def make_train_step(
       bfloat16 computation in the model, wrap ``apply_fn`` with ``fmjax.models.mixed_precision``.
     """
     ema_decay = check_real("ema_decay", ema_decay, low=0.0, high=1.0, high_inclusive=False)
-    options = resolve_options(
-        path=path,
-        coupling=coupling,
-        time_sampler=time_sampler,
-        cond_dropout=cond_dropout,
-        null_cond=null_cond,
-        with_cond=None,
-    )
+    # whether the step is given a condition is known per call (checked there): with_cond=None
+    options = resolve_options(path, coupling, time_sampler, cond_dropout, null_cond, with_cond=None)
     path = options.path
     check_choice("target", target, TARGETS)
     check_choice("loss", loss, LOSSES)

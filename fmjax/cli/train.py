@@ -281,9 +281,8 @@ def _print_summary(config, summary: dict[str, Any], run_dir: str) -> None:
             f"{summary['n']} test images (Hutchinson, 4 probes; fmjax nll for the exact value)"
         )
         if "fd_euler_steps" in summary:
-            few = ", ".join(f"{steps}: {fd:.4f}" for steps, fd in summary["fd_euler_steps"].items())
             images = summary["fd_test_images"]
-            print(f"pixel Fréchet distance to {images} test images after few Euler steps ({few})")
+            print(f"pixel Fréchet distance to {images} test images {_few_steps(summary['fd_euler_steps'])}")
         return
     print(
         f"W2 = {summary['w2']:.4f} ({summary['solver']}, NFE = {summary['nfe']}); "
@@ -291,9 +290,13 @@ def _print_summary(config, summary: dict[str, Any], run_dir: str) -> None:
         f"target sample floor W2 = {summary['w2_target_floor']:.4f}"
     )
     if "w2_euler_steps" in summary:
-        few = ", ".join(f"{steps}: {w2:.4f}" for steps, w2 in summary["w2_euler_steps"].items())
-        print(f"W2 after few Euler steps ({few})")
+        print(f"W2 {_few_steps(summary['w2_euler_steps'])}")
     if config.conditional:
         per_class = ", ".join(f"{w:.3f}" for w in summary["w2_per_class"])
         classes = f"0 .. {config.num_classes - 1}"
         print(f"conditional on the target's labels; W2 per class ({classes}): {per_class}")
+
+
+def _few_steps(distances: dict[str, float]) -> str:
+    """``after few Euler steps (1: d1, 2: d2, ...)`` of a summary's distances by number of steps."""
+    return "after few Euler steps (" + ", ".join(f"{steps}: {d:.4f}" for steps, d in distances.items()) + ")"

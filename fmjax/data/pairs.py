@@ -100,7 +100,7 @@ def load_pairs(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[st
     return x0, x1, metadata
 
 
-class PairSource:
+class PairSource(EpochBatches):
     """Stored pairs as the training loop's data: step s trains on a batch of pairs (x0[k], x1[k]).
 
     The source interface of ``fmjax.data.sources``: ``host_batch(step)`` returns this process's rows of
@@ -134,17 +134,11 @@ class PairSource:
             raise ValueError(f"process_index must be < process_count {process_count}; got {process_index}")
         x0, x1, self.metadata = load_pairs(path)
         size = len(x0)
-        batches = EpochBatches(
+        super().__init__(
             size, batch_size=batch_size, seed=seed, process_index=process_index, process_count=process_count,
             what=f"the {size} pairs in {os.fspath(path)!r}",
         )  # fmt: skip
         self.x0, self.x1 = x0.astype(np.float32), x1.astype(np.float32)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.process_index = process_index
-        self.local_batch = batches.local_batch
-        self.steps_per_epoch = batches.steps_per_epoch
-        self.indices = batches.indices
 
     def __len__(self) -> int:
         return len(self.x0)

@@ -117,7 +117,7 @@ class EpochBatches:
         return self._order(epoch)[begin : begin + self.local_batch]
 
 
-class ImageSource:
+class ImageSource(EpochBatches):
     """Images of a tfds data source as the target; N(0, I) noise of the same shape as the source.
 
     Every epoch is a fresh permutation of the source (``epoch_order``), cut into global batches of
@@ -145,17 +145,11 @@ class ImageSource:
         check_int("batch_size", batch_size, low=1)
         self.hflip = check_bool("hflip", hflip)
         size = len(records)
-        batches = EpochBatches(
+        super().__init__(
             size, batch_size=batch_size, seed=seed, process_index=process_index, process_count=process_count,
             what=f"the dataset ({size} records)",
         )  # fmt: skip
         self.records = records
-        self.batch_size = batch_size
-        self.seed = seed
-        self.process_index = process_index
-        self.local_batch = batches.local_batch
-        self.steps_per_epoch = batches.steps_per_epoch
-        self.indices = batches.indices
         first = np.asarray(records[0]["image"])
         self.image_shape = tuple(first.shape)
         self.labels = bool(labels)

@@ -124,7 +124,7 @@ class Options(NamedTuple):
 
 
 def resolve_options(
-    *, path: Any, coupling: Any, time_sampler: Any, cond_dropout: Any, null_cond: Any, with_cond: bool | None
+    path: Any, coupling: Any, time_sampler: Any, cond_dropout: Any, null_cond: Any, *, with_cond: bool | None
 ) -> Options:
     """Resolve a loss's path, coupling and time sampler (objects or names) and check the condition
     options. ``with_cond`` None: whether a condition is given is known only per call (a train step)."""
@@ -174,14 +174,7 @@ def check_arguments(
     """Check the arguments of a loss (``check_path`` checks the resolved path for that loss), in the
     order its errors have always come, and return its options resolved."""
     with_cond = cond is not None
-    options = resolve_options(
-        path=path,
-        coupling=coupling,
-        time_sampler=time_sampler,
-        cond_dropout=cond_dropout,
-        null_cond=null_cond,
-        with_cond=with_cond,
-    )
+    options = resolve_options(path, coupling, time_sampler, cond_dropout, null_cond, with_cond=with_cond)
     check_apply_fn(apply_fn, with_cond)
     check_key("key", key)
     check_pair(x0, x1)

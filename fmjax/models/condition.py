@@ -13,7 +13,7 @@ from flax import nnx
 
 from fmjax._checks import check_int, is_traced
 
-__all__ = ["Condition", "check_condition_sizes"]
+__all__ = ["Condition", "Conditioned", "check_condition_sizes"]
 
 
 def check_condition_sizes(num_classes: Any, cond_dim: Any) -> tuple[int | None, int | None]:
@@ -23,6 +23,34 @@ def check_condition_sizes(num_classes: Any, cond_dim: Any) -> tuple[int | None, 
     if cond_dim is not None:
         cond_dim = check_int("cond_dim", cond_dim, low=1)
     return num_classes, cond_dim
+
+
+class Conditioned:
+    """What the bundled models share about their optional condition: ``conditional``, ``null_cond`` and the
+    ``condition`` embedding, built by ``_add_condition`` after the model's own layers (so that a
+    conditional model's other weights are those of the unconditional one)."""
+
+    num_classes: int | None
+    cond_dim: int | None
+
+    def _add_condition(self, num_classes: int | None, cond_dim: int | None, features: int, rngs: nnx.Rngs):
+        self.num_classes, self.cond_dim = num_classes, cond_dim
+        self.condition = (
+            Condition(num_classes=num_classes, cond_dim=cond_dim, features=features, rngs=rngs)
+            if self.conditional
+            else None
+        )
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the model takes a condition (``num_classes`` or ``cond_dim`` was given)."""
+        return self.num_classes is not None or self.cond_dim is not None
+
+    def null_cond(self) -> Any:
+        """One sample's null condition (no batch axis), for ``cfm_loss(null_cond=...)`` and
+        ``fmjax.guided_velocity``: the class id ``num_classes``, and/or zero features with mask 0
+        (``{"features": zeros(cond_dim), "mask": 0.0}``); None for an unconditional model."""
+        return self.condition.null() if self.conditional else None
 
 
 class Condition(nnx.Module):

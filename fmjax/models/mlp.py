@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fmjax._checks import check_int, lookup
-from fmjax.models.condition import Condition, check_condition_sizes
+from fmjax.models.condition import Conditioned, check_condition_sizes
 
 __all__ = ["MLP", "ACTIVATIONS"]
 
@@ -35,7 +35,7 @@ def _rngs(rngs: nnx.Rngs | None, seed: int) -> nnx.Rngs:
     return nnx.Rngs(check_int("seed", seed, low=0))
 
 
-class MLP(nnx.Module):
+class MLP(Conditioned, nnx.Module):
     """v_theta(t, x): an MLP on the concatenation [x, t], as in the OT-CFM papers' 2D experiments.
 
     ``depth`` hidden layers of ``width`` units with ``activation`` after each; the papers' network is
@@ -92,24 +92,8 @@ class MLP(nnx.Module):
         )
         self.out = nnx.Linear(width, dim, rngs=rngs)
         self.dim = dim
-        self.num_classes, self.cond_dim = num_classes, cond_dim
         # built after the layers above, so their weights are those of the unconditional MLP
-        self.condition = (
-            Condition(num_classes=num_classes, cond_dim=cond_dim, features=width, rngs=rngs)
-            if self.conditional
-            else None
-        )
-
-    @property
-    def conditional(self) -> bool:
-        """Whether the model takes a condition (``num_classes`` or ``cond_dim`` was given)."""
-        return self.num_classes is not None or self.cond_dim is not None
-
-    def null_cond(self) -> Any:
-        """One sample's null condition (no batch axis), for ``cfm_loss(null_cond=...)`` and
-        ``fmjax.guided_velocity``: the class id ``num_classes``, and/or zero features with mask 0
-        (``{"features": zeros(cond_dim), "mask": 0.0}``); None for an unconditional model."""
-        return self.condition.null() if self.conditional else None
+        self._add_condition(num_classes, cond_dim, width, rngs)
 
     def __call__(self, t: jax.Array, x: jax.Array, cond: Any = None) -> jax.Array:
         """Velocity at times t (shape [batch] or scalar) and points x (shape [batch, *dims]), given

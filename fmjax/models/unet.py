@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fmjax._checks import check_int, check_key, check_real
-from fmjax.models.condition import Condition, check_condition_sizes
+from fmjax.models.condition import Conditioned, check_condition_sizes
 from fmjax.models.mlp import _rngs, check_cond_given
 
 __all__ = ["UNet", "timestep_embedding"]
@@ -98,7 +98,7 @@ class _AttentionBlock(nnx.Module):
         return x + self.proj(a.reshape(b, height, width, c))
 
 
-class UNet(nnx.Module):
+class UNet(Conditioned, nnx.Module):
     """A UNet v_theta(t, x) for images of shape [batch, H, W, in_channels].
 
     Each resolution level has ``num_res_blocks`` residual blocks (GroupNorm, SiLU, 3x3 convolutions,
@@ -257,23 +257,8 @@ class UNet(nnx.Module):
         self.num_res_blocks = num_res_blocks
         self.out_norm = _group_norm(c, groups, rngs)
         self.out = nnx.Conv(c, in_channels, (3, 3), rngs=rngs)
-        self.num_classes, self.cond_dim = num_classes, cond_dim
         # built after the layers above, so their weights are those of the unconditional UNet
-        self.condition = (
-            Condition(num_classes=num_classes, cond_dim=cond_dim, features=self.emb_dim, rngs=rngs)
-            if self.conditional
-            else None
-        )
-
-    @property
-    def conditional(self) -> bool:
-        """Whether the model takes a condition (``num_classes`` or ``cond_dim`` was given)."""
-        return self.num_classes is not None or self.cond_dim is not None
-
-    def null_cond(self) -> Any:
-        """One sample's null condition (no batch axis): the class id ``num_classes``, and/or zero
-        features with mask 0; None for an unconditional model."""
-        return self.condition.null() if self.conditional else None
+        self._add_condition(num_classes, cond_dim, self.emb_dim, rngs)
 
     def __call__(
         self, t: jax.Array, x: jax.Array, cond: Any = None, *, dropout_key: jax.Array | None = None
