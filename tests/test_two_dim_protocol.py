@@ -57,18 +57,25 @@ def test_sf2m_step_is_sf2m_loss_and_its_adamw_update(coupling):
 
     # the step splits state.key into (next key, loss key) and evaluates sf2m_loss on the loss key
     next_key, loss_key = jax.random.split(state.key)
-    (loss, aux), grads = jax.value_and_grad(sf2m_loss, argnums=1, has_aux=True)(
-        apply_fn, params, loss_key, x0, x1, path=path, coupling=coupling
-    )
-    # same program up to XLA's fusion choices inside and outside jit: float32 rounding
+    # the references jitted (one program each, not every operation compiled on its own)
+    (loss, aux), grads = jax.jit(
+        jax.value_and_grad(
+            lambda params, key: sf2m_loss(apply_fn, params, key, x0, x1, path=path, coupling=coupling),
+            has_aux=True,
+        )
+    )(params, loss_key)
+    # the same computation in two programs: XLA's fusion choices may round float32 differently
     np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
     np.testing.assert_allclose(metrics["flow_loss"], jnp.mean(aux.flow_loss), rtol=1e-5)
     np.testing.assert_allclose(metrics["score_loss"], jnp.mean(aux.score_loss), rtol=1e-5)
     np.testing.assert_allclose(metrics["flow_loss"] + metrics["score_loss"], metrics["loss"], rtol=1e-6)
     assert jnp.array_equal(jax.random.key_data(new_state.key), jax.random.key_data(next_key))
 
-    updates, _ = optimizer.update(grads, optimizer.init(params), params)
-    expected = optax.apply_updates(params, updates)
+    expected = jax.jit(
+        lambda grads, params: optax.apply_updates(
+            params, optimizer.update(grads, optimizer.init(params), params)[0]
+        )
+    )(grads, params)
     for got, want, old, ema in zip(
         jax.tree.leaves(new_state.params),
         jax.tree.leaves(expected),
@@ -93,7 +100,9 @@ def test_sf2m_step_weight_applies_to_both_terms():
     step = make_train_step(apply_fn, optimizer, path=path, loss="sf2m", weight=weight, donate=False)
     _, metrics = step(state, x0, x1)
     _, loss_key = jax.random.split(state.key)
-    loss, aux = sf2m_loss(apply_fn, params, loss_key, x0, x1, path=path, weight=weight)
+    loss, aux = jax.jit(
+        lambda params, key: sf2m_loss(apply_fn, params, key, x0, x1, path=path, weight=weight)
+    )(params, loss_key)
     w = weight(aux.sample.t)
     np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
     np.testing.assert_allclose(metrics["flow_loss"], jnp.mean(w * aux.flow_loss), rtol=1e-5)
