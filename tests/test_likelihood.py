@@ -1,5 +1,6 @@
 """Log-likelihood against closed forms."""
 
+import functools
 import math
 
 import jax
@@ -13,6 +14,7 @@ from fmjax.models import MLP, functional
 from fmjax.sampling import as_velocity, sample
 
 
+@functools.cache  # one function per (dim, seed): a solve of it is compiled once for every test
 def _linear_field(dim, seed=0):
     a = 0.3 * jax.random.normal(jax.random.key(seed), (dim, dim), jnp.float64) / math.sqrt(dim)
     a = a - 0.2 * jnp.eye(dim)
@@ -50,7 +52,7 @@ def test_divergence_exact_matches_the_jacobian_trace(x64):
     velocity = as_velocity(apply_fn, jax.tree.map(lambda p: p.astype(jnp.float64), params))
     _, div = divergence_exact(velocity, jnp.asarray(0.3), x)
     per_sample = lambda xi: velocity(0.3, xi[None])[0].reshape(-1)
-    expected = [jnp.trace(jax.jacfwd(per_sample)(xi).reshape(6, 6)) for xi in x]
+    expected = jax.jit(jax.vmap(lambda xi: jnp.trace(jax.jacfwd(per_sample)(xi).reshape(6, 6))))(x)
     np.testing.assert_allclose(div, expected, rtol=1e-10)
 
 
@@ -99,15 +101,17 @@ def test_fixed_steps_and_jit_agree_with_eager():
     assert int(eager.nfe) == 40
 
 
+def zero_velocity(t, x):
+    return jnp.zeros_like(x)
+
+
 def test_bits_per_dim_of_a_uniform_model_is_eight():
     # velocity 0 and a uniform source on [-1, 1]^D: p_z = 2^-D, so -log2 P(x) / D = 8 for 8-bit data
     images = jax.random.randint(jax.random.key(13), (3, 2, 4, 4), 0, 256)
     log_uniform = lambda z: jnp.full(z.shape[0], -z[0].size * math.log(2.0))
-    bpd = bits_per_dim(lambda t, x: jnp.zeros_like(x), images, key=jax.random.key(14), log_p0=log_uniform)
+    bpd = bits_per_dim(zero_velocity, images, key=jax.random.key(14), log_p0=log_uniform)
     np.testing.assert_allclose(bpd, 8.0, rtol=1e-6)
-    bpd_k = bits_per_dim(
-        lambda t, x: jnp.zeros_like(x), images, key=jax.random.key(14), log_p0=log_uniform, num_samples=4
-    )
+    bpd_k = bits_per_dim(zero_velocity, images, key=jax.random.key(14), log_p0=log_uniform, num_samples=4)
     np.testing.assert_allclose(bpd_k, 8.0, rtol=1e-6)
 
 
@@ -115,7 +119,7 @@ def test_bits_per_dim_of_a_gaussian_model_by_hand():
     # velocity 0, standard-normal source: bpd = -(log N(z) + D log(2/256)) / (D log 2), same u draws
     images = jax.random.randint(jax.random.key(15), (2, 6), 0, 256)
     key = jax.random.key(16)
-    bpd = bits_per_dim(lambda t, x: jnp.zeros_like(x), images, key=key)
+    bpd = bits_per_dim(zero_velocity, images, key=key)
     u = jax.random.uniform(jax.random.fold_in(jax.random.split(key)[0], 0), images.shape)
     z = 2.0 / 256 * (images + u) - 1.0
     expected = -(standard_normal_log_density(z) + 6 * math.log(2 / 256)) / (6 * math.log(2))
@@ -145,10 +149,9 @@ def test_bits_per_dim_levels_set_the_default_scale():
     # 4-bit data (16 levels) under the uniform model on [-1, 1)^D: 4 bits per dimension
     images = jax.random.randint(jax.random.key(17), (3, 5), 0, 16).astype(jnp.uint8)
     log_uniform = lambda z: jnp.full(z.shape[0], -z[0].size * math.log(2.0))
-    zero = lambda t, x: jnp.zeros_like(x)
-    bpd = bits_per_dim(zero, images, key=jax.random.key(18), log_p0=log_uniform, num_levels=16)
+    bpd = bits_per_dim(zero_velocity, images, key=jax.random.key(18), log_p0=log_uniform, num_levels=16)
     np.testing.assert_allclose(bpd, 4.0, rtol=1e-6)
     explicit = bits_per_dim(
-        zero, images, key=jax.random.key(18), log_p0=log_uniform, num_levels=16, scale=2 / 16
+        zero_velocity, images, key=jax.random.key(18), log_p0=log_uniform, num_levels=16, scale=2 / 16
     )
     np.testing.assert_array_equal(bpd, explicit)
