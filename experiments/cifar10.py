@@ -50,7 +50,7 @@ it) and an accelerator:
 The run directory holds ``recipe.json`` (the settings; a resumed run must match them, except
 ``steps``), ``metrics.jsonl`` (step, loss, gradient norm before clipping, learning rate, seconds),
 ``checkpoints/<step>/`` (the ``TrainState``: step, params, Adam state, EMA params, key) and
-``samples_<step>.png``. tests/test_cifar10_recipe.py runs it for a few steps at a tiny width on tfds's
+``samples_<step>.png``. tests/experiments/test_cifar10.py runs it for a few steps at a tiny width on tfds's
 mock data.
 """
 

@@ -707,8 +707,8 @@ Other observations:
   trains the same parameters, bit for bit.
 - The digits metric is the Fréchet distance of Gaussians fitted to the raw pixels (64 dimensions, in the
   training space [-1, 1) with the real digits dequantised), not of a classifier's features: the table
-  predates fmjax's digits classifier (``fmjax.digits_classifier.digits_frechet_distance``). It measures first and
-  second moments only, and the "floor" of real held-out digits
+  predates fmjax's digits classifier (``fmjax.digits_classifier.digits_frechet_distance``). It measures
+  first and second moments only, and the "floor" of real held-out digits
   is biased upwards by its 360-image sample, so a model can sit below it.
 - Wall seconds were taken on a 2-core CPU shared with other jobs and vary by tens of percent.
 """

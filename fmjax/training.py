@@ -277,6 +277,7 @@ def make_train_step(
         if not isinstance(options.coupling, Independent):
             wrapper = PerShard if options.coupling.scope == "local" else GlobalBatch
             options = options._replace(coupling=wrapper(inner=options.coupling, mesh=mesh, axis=data_axis))
+
     # the loss's arguments are checked above and per call below: the step computes it unchecked
     def loss_fn(model: ApplyFn, params: Any, key: jax.Array, x0: jax.Array, x1: jax.Array, cond: Any):
         # steps given no condition drop none (their key stream is that of a model without conditions)

@@ -1,4 +1,4 @@
-"""Run with 8 host devices (set by tests/test_sharding.py in a subprocess); prints one JSON object."""
+"""Run with 8 host devices (set by tests/test_training_sharded.py in a subprocess); prints one JSON object."""
 
 import os
 

@@ -1,4 +1,5 @@
-"""fmjax as a package: names and submodules resolve lazily, and the import graph keeps its layers.
+"""fmjax as a package: its public names are documented, names and submodules resolve lazily, and the
+import graph keeps its layers.
 
 The import graph is read from the source (every ``import`` statement, also those inside functions), so
 an import cycle or an upward import fails here before it can fail at run time in one order of imports.
@@ -7,10 +8,12 @@ an import cycle or an upward import fails here before it can fail at run time in
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import pathlib
 import subprocess
 import sys
+import typing
 
 import pytest
 
@@ -168,3 +171,46 @@ def test_import_fmjax_and_the_command_s_help_load_no_jax():
 def test_an_unknown_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         fmjax.nope  # noqa: B018
+
+
+def _declares_all(path: pathlib.Path) -> bool:
+    tree = ast.parse(path.read_text())
+    targets = [target for node in tree.body if isinstance(node, ast.Assign) for target in node.targets]
+    return any(getattr(target, "id", None) == "__all__" for target in targets)
+
+
+# every public module (no component starting with "_") that declares __all__, read from the source
+PUBLIC_MODULES = sorted(
+    name for name, path in MODULES.items()
+    if not any(part.startswith("_") for part in name.split(".")) and _declares_all(path)
+)  # fmt: skip
+
+
+def test_the_public_modules_are_found():
+    for name in ["fmjax", "fmjax.paths", "fmjax.couplings", "fmjax.losses", "fmjax.runs", "fmjax.cli",
+                 "fmjax.runs.tasks.images", "fmjax.data.pairs", "fmjax.image_runs"]:  # fmt: skip
+        assert name in PUBLIC_MODULES
+
+
+@pytest.mark.parametrize("name", PUBLIC_MODULES)
+def test_every_public_name_exists_and_has_a_docstring(name):
+    module = importlib.import_module(name)
+    assert module.__doc__, f"{name} has no docstring"
+    for public in module.__all__:
+        obj = getattr(module, public)
+        if typing.get_origin(obj) is not None:
+            continue  # a type alias (ApplyFn = Callable[..., Array]) has no docstring of its own
+        if callable(obj) or isinstance(obj, type):
+            assert obj.__doc__, f"{name}.{public} has no docstring"
+
+
+def test_the_design_s_entry_points_are_top_level():
+    entry_points = [
+        "sample", "log_likelihood", "bits_per_dim", "cfm_loss", "make_train_step", "TrainState",
+        "as_velocity", "guided_velocity",
+        "independent", "exact", "sinkhorn", "schrodinger_bridge", "CondOT", "Linear", "SchrodingerBridge",
+        "VariancePreserving", "VPDiffusion", "wasserstein2",
+        "sample_sde", "sf2m_loss", "sf2m_drift", "sf2m_velocity", "reflow_pairs",
+    ]  # fmt: skip
+    for public in entry_points:
+        assert public in fmjax.__all__ and hasattr(fmjax, public)

@@ -220,8 +220,10 @@ def batches(
         raise ValueError("the data source is empty")
     if size // process_count < batch_size:
         raise ArgumentError(
-            lambda n: f"{n('batch_size')} {batch_size} is larger than this process's share of the data "
-            f"({size // process_count})"
+            lambda n: (
+                f"{n('batch_size')} {batch_size} is larger than this process's share of the data "
+                f"({size // process_count})"
+            )
         )
     global_batch = batch_size * process_count
 

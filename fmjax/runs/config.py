@@ -294,7 +294,7 @@ class RunConfig:
             value = getattr(self, name)
             if isinstance(value, str) or not isinstance(value, tuple | list):
                 raise ArgumentTypeError(
-                    lambda n, name=name: f"{n(name)} must be a tuple of ints; got {value!r}"
+                    lambda n, name=name, value=value: f"{n(name)} must be a tuple of ints; got {value!r}"
                 )
             value = tuple(check_int(f"{name}[{k}]", v, low=1) for k, v in enumerate(value))
             object.__setattr__(self, name, value)  # a list from config.json compares equal as a tuple

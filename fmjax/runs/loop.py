@@ -21,8 +21,8 @@ from fmjax._checks import ArgumentError
 from fmjax.checkpoint import Checkpointer
 from fmjax.runs import distributed, pipeline
 from fmjax.runs.config import RunConfig
-from fmjax.runs.rundir import CHECKPOINT_DIR, METRICS_FILE, resume_metrics, take_run_dir
 from fmjax.runs.run import Run, holds_its_step
+from fmjax.runs.rundir import CHECKPOINT_DIR, METRICS_FILE, resume_metrics, take_run_dir
 from fmjax.runs.sinks import log_to_sinks, metric_sinks
 from fmjax.runs.streams import stream_key
 from fmjax.runs.tasks import make_source, task_of

@@ -13,8 +13,8 @@ from fmjax._checks import ArgumentError, check_choice, check_int
 from fmjax.data.pairs import load_pairs, save_pairs
 from fmjax.reflow import reflow_pairs
 from fmjax.runs.config import RunConfig
-from fmjax.runs.rundir import PAIRS_FILE, check_run_dir, pairs_path
 from fmjax.runs.run import Run, load_run
+from fmjax.runs.rundir import PAIRS_FILE, check_run_dir, pairs_path
 from fmjax.runs.streams import stream_key
 from fmjax.runs.tasks import task_of
 from fmjax.runs.velocity import check_finite_params

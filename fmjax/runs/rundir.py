@@ -239,7 +239,7 @@ class RunLock:
                 holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process"
                 os.close(fd)
                 raise RunDirInUse(
-                    lambda n: (
+                    lambda n, holder=holder: (
                         f"{n('run_dir')} {self.run_dir!r} is in use by another fmjax train ({holder}); "
                         "wait for it to finish or choose another directory"
                     )
@@ -285,8 +285,8 @@ def take_run_dir(config: RunConfig, run_dir: str, environment: dict, say: Callab
                     NamedText(
                         lambda n: (
                             f"run directory {run_dir} held a run of another configuration (differs in "
-                            f"{', '.join(map(n, differs))}) that saved no checkpoint; starting again with this one "
-                            f"(kept: {names})"
+                            f"{', '.join(map(n, differs))}) that saved no checkpoint; starting again with "
+                            f"this one (kept: {names})"
                         )
                     )
                 )

@@ -88,7 +88,8 @@ class ToyTask:
         adaptive = sample(velocity, x0, solver=config.eval_solver)
         euler = sample(velocity, x0, solver="euler", steps=100, save_trajectory=True)
         say(
-            f"evaluating: exact W2 to {config.eval_samples} target points (POT), and after 1, 2, 4, 8 Euler steps"
+            f"evaluating: exact W2 to {config.eval_samples} target points (POT), and after 1, 2, 4, 8 Euler"
+            " steps"
         )
         w2 = wasserstein2(adaptive.x1, x1_true)
         w2_euler = wasserstein2(euler.x1, x1_true)
@@ -137,7 +138,10 @@ class ToyTask:
             plotting.loss_curve(
                 os.path.join(run_dir, "loss.png"),
                 os.path.join(run_dir, METRICS_FILE),
-                title=f"training loss: path {config.path}, coupling {config.coupling}, batch {config.batch_size}",
+                title=(
+                    f"training loss: path {config.path}, coupling {config.coupling},"
+                    f" batch {config.batch_size}"
+                ),
             )
         return summary
 

@@ -428,7 +428,7 @@ FULL_DISK_RUN = [
 ]  # fmt: skip
 
 
-# a full disk while writing checkpoints: tests/test_hostile_rundir.py injects write faults in the default
+# a full disk while writing checkpoints: tests/runs/test_rundir.py injects write faults in the default
 # selection; this run fills a real 500 kB tmpfs
 @pytest.mark.slow
 def test_cli_full_disk_on_a_small_tmpfs(tmp_path):

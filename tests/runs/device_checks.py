@@ -1,4 +1,5 @@
-"""Run with N simulated host devices (argv[1], from tests/test_devices.py, in a subprocess); prints JSON.
+"""Run with N simulated host devices (argv[1]; tests/runs/test_distributed_devices.py runs it in a
+subprocess); prints JSON.
 
 Trains through ``fmjax.runs.train`` on every device (the default), on one device, and with the exact coupling
 solved inside the step; reports their losses, the device count each used and how often the host solver ran.
@@ -61,7 +62,13 @@ def main():
     results["exact"]["in_step"] = trained(RunConfig(coupling="exact", **toy), pipeline=False)
     if sys.argv[2:] == ["images"]:
         images = RunConfig(
-            dataset="digits", steps=30, batch_size=32, width=8, log_every=10, checkpoint_every=30, eval_samples=16
+            dataset="digits",
+            steps=30,
+            batch_size=32,
+            width=8,
+            log_every=10,
+            checkpoint_every=30,
+            eval_samples=16,
         )
         results["digits"] = {"all": trained(images), "one": trained(images, devices=1)}
     print(json.dumps(results))

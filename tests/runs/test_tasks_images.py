@@ -67,7 +67,8 @@ def test_unknown_dataset_is_named(tmp_path, capsys):
     assert "dataset must be one of 'cifar10', 'digits', 'mnist'" in capsys.readouterr().err
 
 
-# resumes log each step once with the same losses: tests/test_resume.py on 2D runs in the default selection
+# resumes log each step once with the same losses: tests/runs/test_loop_resume.py on 2D runs in the default
+# selection
 @pytest.mark.slow
 def test_resumed_digits_run_logs_each_step_once_with_the_same_losses(tmp_path, data_dir):
     import shutil

@@ -47,7 +47,7 @@ def test_bad_arguments():
         apply_fn(params, jnp.zeros(1), jnp.zeros((1, 3)))
 
 
-# The UNets below have tests/test_unet_attention.py's smallest widths (4 channels, GroupNorm over 2 groups):
+# The UNets below have tests/models/test_unet.py's smallest widths (4 channels, GroupNorm over 2 groups):
 # building a UNet compiles an initialiser per parameter shape, and shared shapes are compiled once in a
 # session (the compilation cache of tests/conftest.py holds them for every worker).
 UNET = {"channels": 4, "groups": 2}

@@ -303,9 +303,10 @@ TARGET_MEAN = np.array([2.0, -1.0])
 TARGET_STD = np.array([0.5, 0.8])
 
 
-# Training and sampling end to end (about 12 s on a 2-core CPU): `pytest -m slow tests/test_sf2m.py`. By
-# default tests/test_sf2m_gaussian_sb.py trains the same [SF]²M (sf2m_loss, the SB coupling and path, two
-# networks) and checks both its SDE and its flow head's ODE against the bridge's closed-form marginals.
+# Training and sampling end to end (about 12 s on a 2-core CPU): `pytest -m slow tests/losses/test_sf2m.py`.
+# By default tests/experiments/test_gaussian_sb.py trains the same [SF]²M (sf2m_loss, the SB coupling and
+# path, two networks) and checks both its SDE and its flow head's ODE against the bridge's closed-form
+# marginals.
 @pytest.mark.slow
 def test_trained_sf2m_samples_the_target_gaussian():
     """N(0, I) -> N((2, -1), diag(0.25, 0.64)) with sigma = 0.5 and the SB coupling (entropic OT at

@@ -41,7 +41,7 @@ CASES = given(
     seed=st.integers(0, 2**16),
 )
 # Each example compiles its own shapes (2-5 s, mostly the eager loss's operations one by one): 4 per
-# default run, drawn afresh each time; 40 more with `pytest -m slow tests/test_determinism_properties.py`.
+# default run, drawn afresh each time; 40 more with `pytest -m slow tests/test_training_properties.py`.
 EXAMPLES = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 

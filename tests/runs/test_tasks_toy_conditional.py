@@ -33,8 +33,9 @@ def test_labels_name_the_component_moon_and_square_of_each_point():
     points, labels = sample_labeled("8gaussians", key, 4000)
     # components 5 apart with std 0.56: all but a handful of points are nearest their own centre
     assert np.mean(_nearest_centre(points) == np.asarray(labels)) > 0.99
-    points, labels = np.asarray(sample_labeled("checkerboard", key, 4000)[0]), np.asarray(
-        sample_labeled("checkerboard", key, 4000)[1]
+    points, labels = (
+        np.asarray(sample_labeled("checkerboard", key, 4000)[0]),
+        np.asarray(sample_labeled("checkerboard", key, 4000)[1]),
     )
     column, row = np.floor(points[:, 0] / 2) + 2, np.floor(points[:, 1] / 2) + 2
     np.testing.assert_array_equal(labels, 2 * column + row // 2)  # square (column, row pair)
@@ -206,8 +207,21 @@ def test_cli_trains_and_samples_a_conditional_run(tmp_path, capsys):
 def test_cli_conditional_errors_are_one_line(tmp_path, capsys):
     plain = tmp_path / "plain"
     common = [
-        "--steps", "20", "--batch-size", "32", "--width", "8", "--log-every", "10",
-        "--checkpoint-every", "20", "--eval-samples", "100", "--no-progress", "--no-plots", "--no-eval",
+        "--steps",
+        "20",
+        "--batch-size",
+        "32",
+        "--width",
+        "8",
+        "--log-every",
+        "10",
+        "--checkpoint-every",
+        "20",
+        "--eval-samples",
+        "100",
+        "--no-progress",
+        "--no-plots",
+        "--no-eval",
     ]  # fmt: skip  (no evaluation: the errors are what is checked)
     assert main(["train", "--out", str(plain), *common]) == 0
     capsys.readouterr()

@@ -80,8 +80,8 @@ def test_hflip_flips_about_half_the_images_left_right():
         ImageSource(records, batch_size=8, seed=0, hflip="yes")
 
 
-# the default selection trains a digits run end to end in tests/test_image_runs.py and builds these options'
-# UNet above; this run trains with all of them
+# the default selection trains a digits run end to end in tests/runs/test_tasks_images.py and builds these
+# options' UNet above; this run trains with all of them
 @pytest.mark.slow
 def test_a_digits_run_with_attention_dropout_and_flips_trains_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setenv("FMJAX_DATA_DIR", str(tmp_path / "tfds"))

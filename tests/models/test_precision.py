@@ -81,7 +81,7 @@ def test_what_is_cast_and_what_is_passed_through():
         mixed_precision(probe, "half-ish")
 
 
-# the smallest UNet of tests/test_unet_attention.py, one level: its initialisers are compiled once a session
+# the smallest UNet of tests/models/test_unet.py, one level: its initialisers are compiled once a session
 UNET = {"channels": 4, "channel_mults": (1,), "groups": 2}
 
 

@@ -243,8 +243,8 @@ VARIANCE_MID_LOW, VARIANCE_INTERIOR_LOW, VARIANCE_HIGH = 1.03, 1.02, 1.065
 
 
 # 5000 steps of the experiment's 3x256 MLP: 35-50 s a seed on a 2-core CPU, so all seeds run with
-# `pytest -m slow tests/test_sf2m_gaussian_sb.py`. By default the experiment runs end to end in
-# test_experiment_sf2m_rows_keep_the_other_method_and_the_notes below (and tests/test_experiments.py's
+# `pytest -m slow tests/experiments/test_gaussian_sb.py`. By default the experiment runs end to end in
+# test_experiment_sf2m_rows_keep_the_other_method_and_the_notes below (and tests/experiments/test_smoke.py's
 # SB-CFM smoke run); the learned [SF]²M SDE against the bridge's closed form in
 # test_sf2m_sde_and_flow_marginals_match_the_closed_form above.
 @pytest.mark.slow

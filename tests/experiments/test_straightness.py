@@ -18,7 +18,7 @@ def _row(table: str, method: str) -> list[str]:
     return [cell.strip() for cell in rows[0].strip("|").split("|")]
 
 
-@pytest.mark.slow  # the experiment script end to end; straightness itself: tests/test_straightness.py
+@pytest.mark.slow  # the experiment script end to end; straightness itself: tests/test_metrics_straightness.py
 def test_quick_setting_writes_the_table_figure_and_resumes(tmp_path):
     args = ["--quick", "--tasks", TASK, "--out", str(tmp_path), "--work", str(tmp_path / "work")]
     records = straightness.main(args)

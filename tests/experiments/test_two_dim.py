@@ -182,7 +182,7 @@ SHARDED = textwrap.dedent(
 def test_sf2m_step_on_a_mesh_equals_one_device():
     # a global exact coupling on 2 devices computes what one device computes on the same global batch
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = subprocess.run(
         [sys.executable, "-c", SHARDED], cwd=root, env=env, capture_output=True, text=True, timeout=300
     )

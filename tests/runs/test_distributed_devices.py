@@ -1,5 +1,5 @@
 """fmjax train on 4 and 8 simulated host devices: it uses them all, trains what one device trains, and
-solves the exact coupling of each global batch once on the host (tests/device_checks.py, a subprocess per
+solves the exact coupling of each global batch once on the host (tests/runs/device_checks.py, a subprocess per
 device count). The default selection runs the 2D runs on 8 devices; -m slow adds 4 devices and a digits
 UNet on both counts."""
 

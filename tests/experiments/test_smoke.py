@@ -15,7 +15,7 @@ from fmjax.couplings import schrodinger_bridge
 
 # One run by default: OT-CFM from a non-Gaussian source (about 10 s, mostly compiling its step and
 # solvers); FM is refused there without a run. The three-run setting (FM and OT-CFM from N(0, I) too)
-# compiles three steps: `pytest -m slow tests/test_experiments.py`.
+# compiles three steps: `pytest -m slow tests/experiments/test_smoke.py`.
 @pytest.mark.parametrize(
     ("tasks", "runs"),
     [
@@ -99,8 +99,8 @@ def test_gaussian_kl_closed_form_and_fit_bias():
 
 
 def test_gaussian_sb_smoke(tmp_path):
-    # the SB-CFM training of tests/test_sf2m_gaussian_sb.py's flow-head test (d = 2, 20 steps, width 16,
-    # batch 256): the session's compilation cache holds one program for both
+    # the SB-CFM training of tests/experiments/test_gaussian_sb.py's flow-head test (d = 2, 20 steps,
+    # width 16, batch 256): the session's compilation cache holds one program for both
     rows = gaussian_sb.main(
         ["--methods", "sbcfm", "--dims", "2", "--steps", "20", "--width", "16", "--eval-samples", "300"]
         + ["--out", str(tmp_path)]
@@ -128,7 +128,8 @@ def test_digits_gaussian_floor_matches_scipy():
     assert np.mean(bpd) == pytest.approx(uniform_gaussian, abs=0.15)
 
 
-@pytest.mark.slow  # the experiment script end to end (UNet compiles); image runs: tests/test_image_runs.py
+# the experiment script end to end (UNet compiles); image runs by default: tests/runs/test_tasks_images.py
+@pytest.mark.slow
 def test_digits_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv("FMJAX_DATA_DIR", str(tmp_path / "tfds"))
     result = digits.main(

@@ -1,4 +1,4 @@
-"""Run with 4 host devices (by tests/test_conditional.py in a subprocess); prints one JSON object.
+"""Run with 4 host devices (by tests/losses/test_cfm.py in a subprocess); prints one JSON object.
 
 The condition follows x1 through every coupling on a mesh: cond["row"] names the row of x1 each
 coupled x1 came from (a hidden permutation), per shard and over the global batch; a conditional,
