@@ -67,6 +67,7 @@ def _images(run, args) -> tuple[dict, str]:
     result = image_bits_per_dim(
         run.config, run.apply_fn, params, n=args.n, divergence=args.divergence,
         num_probes=args.num_probes, probe=args.probe, data_dir=args.data_dir, seed=args.seed,
+        solver=args.solver,
     )  # fmt: skip
     message = (
         f"bits/dim = {result['bits_per_dim']:.4f} +- {result['bits_per_dim_stderr']:.4f} on "

@@ -54,7 +54,8 @@ def trained(config, **options):
 
 def main():
     Exact.solve_host_status = staticmethod(counted)
-    toy = dict(steps=STEPS, batch_size=64, width=16, log_every=20, checkpoint_every=30, eval_samples=100)
+    # one chunk length (20 steps) and one checkpoint per run: one compiled step per device count
+    toy = dict(steps=STEPS, batch_size=64, width=16, log_every=20, checkpoint_every=STEPS, eval_samples=100)
     results = {"devices": jax.device_count(), "steps": STEPS}
     for coupling in ("independent", "exact"):
         config = RunConfig(coupling=coupling, **toy)

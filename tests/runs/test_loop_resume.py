@@ -16,7 +16,7 @@ import pytest
 from fmjax.runs import load_run
 
 FMJAX = os.path.join(os.path.dirname(sys.executable), "fmjax")
-STEPS = 20_000
+STEPS = 6_000
 ARGS = [
     "--steps", str(STEPS), "--batch-size", "64", "--width", "16", "--log-every", "200",
     "--checkpoint-every", "1000", "--eval-samples", "200", "--no-progress", "--no-plots",
@@ -74,7 +74,7 @@ def test_killed_runs_resume_bit_for_bit(reference, tmp_path):
                 time.sleep(0.005)
             assert _logged_steps(out) < STEPS // 200  # killed before the end of training
         else:
-            time.sleep(rng.uniform(0.5, 12.0))
+            time.sleep(rng.uniform(0.5, 8.0))
         process.send_signal(signal.SIGKILL)
         process.wait()
         done = _train(out)
