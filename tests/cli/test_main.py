@@ -124,7 +124,12 @@ def test_console_script_runs(tmp_path):
     assert result.stderr.strip() == "fmjax: error: --steps must be >= 1; got 0"
 
 
-@pytest.mark.parametrize(("coupling", "path"), [("exact", "linear"), ("sinkhorn", "condot"), ("sb", "sb")])
+# fmjax train with the exact coupling runs by default in tests/runs/test_distributed_processes.py (two
+# processes and one); here with -m slow
+@pytest.mark.parametrize(
+    ("coupling", "path"),
+    [pytest.param("exact", "linear", marks=pytest.mark.slow), ("sinkhorn", "condot"), ("sb", "sb")],
+)
 def test_train_with_ot_couplings(coupling, path, tmp_path):
     out = tmp_path / coupling
     args = ["train", "--out", str(out), *SMALL, "--steps", "100", "--coupling", coupling, "--path", path]
