@@ -310,12 +310,23 @@ TEACHER = ["--steps", "200", "--batch-size", "64", "--width", "16", "--log-every
            "--checkpoint-every", "200", "--eval-samples", "300", "--no-progress", "--no-plots"]  # fmt: skip
 
 
-def test_cli_reflow_solves_pairs_trains_on_them_and_resumes(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def cli_teacher(tmp_path_factory):
+    """One teacher trained by the CLI (exact coupling, evaluated) for both CLI tests below: the second
+    test's refused commands need only a valid unconditional run, and its accepted reflow then reuses the
+    programs (pair solve, student steps) the first test compiled."""
+    from fmjax.cli import main
+
+    teacher = tmp_path_factory.mktemp("cli-reflow") / "teacher"
+    assert main(["train", "--coupling", "exact", "--out", str(teacher), *TEACHER]) == 0
+    return teacher
+
+
+def test_cli_reflow_solves_pairs_trains_on_them_and_resumes(cli_teacher, tmp_path, capsys):
     from fmjax.cli import main
     from fmjax.runs import prepare_reflow
 
-    teacher, student = tmp_path / "teacher", tmp_path / "student"
-    assert main(["train", "--coupling", "exact", "--out", str(teacher), *TEACHER]) == 0
+    teacher, student = cli_teacher, tmp_path / "student"
     argv = ["reflow", str(teacher), "--out", str(student), "--pairs", "256", "--steps", "100",
             "--no-progress", "--no-plots"]  # fmt: skip
     assert main(argv) == 0
@@ -340,20 +351,21 @@ def test_cli_reflow_solves_pairs_trains_on_them_and_resumes(tmp_path, capsys):
     assert "using the 256 pairs already solved" in capsys.readouterr().err
     assert main(["sample", str(student), "--n", "50", "--solver", "euler", "--steps", "1"]) == 0
 
-    config, initial = prepare_reflow(teacher, tmp_path / "warm", pairs=128, init="teacher")
+    # as many pairs as above: the pair solve is the program compiled for the command
+    config, initial = prepare_reflow(teacher, tmp_path / "warm", pairs=256, init="teacher")
     leaves = zip(jax.tree.leaves(initial.params), jax.tree.leaves(teacher_run.state.ema_params), strict=True)
     for a, b in leaves:
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # starts from the teacher's EMA
     assert int(initial.step) == 0 and config.pairs == "pairs.npz"
 
 
-def test_cli_reflow_errors_are_one_line(tmp_path, capsys):
+def test_cli_reflow_errors_are_one_line(cli_teacher, tmp_path, capsys):
     from fmjax.cli import main
 
-    teacher, cond = tmp_path / "teacher", tmp_path / "cond"
-    # trained without evaluation: the errors are what is checked
-    assert main(["train", "--out", str(teacher), *TEACHER, "--no-eval"]) == 0
-    assert main(["train", "--conditional", "--out", str(cond), *TEACHER, "--no-eval"]) == 0
+    teacher, cond = cli_teacher, tmp_path / "cond"
+    # a conditional run trained without evaluation (one chunk of steps): the errors are what is checked
+    conditional = [*TEACHER, "--steps", "100", "--checkpoint-every", "100", "--no-eval"]
+    assert main(["train", "--conditional", "--out", str(cond), *conditional]) == 0
     capsys.readouterr()
     out = str(tmp_path / "new")
     cases = [
@@ -370,8 +382,9 @@ def test_cli_reflow_errors_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], (argv, err)
     assert not os.path.exists(out)  # nothing written by a refused command
-    assert main(["reflow", str(teacher), "--out", out, "--pairs", "64", "--steps", "10", "--no-progress",
+    # the pairs and steps of the test above: its compiled pair solve and student steps are reused
+    assert main(["reflow", str(teacher), "--out", out, "--pairs", "256", "--steps", "100", "--no-progress",
                  "--no-plots", "--no-eval"]) == 0  # fmt: skip
     capsys.readouterr()
-    assert main(["reflow", str(teacher), "--out", out, "--pairs", "128", "--steps", "10"]) == 2
+    assert main(["reflow", str(teacher), "--out", out, "--pairs", "128", "--steps", "100"]) == 2
     assert "holds pairs of another reflow (differs in --pairs)" in capsys.readouterr().err
