@@ -42,12 +42,13 @@ def run(solver, steps, key=KEY, **kwargs):
 @pytest.fixture(scope="module")
 def ou():
     """Solves of the OU process on one key: references of each Brownian kind at 64 steps, and
-    Euler-Maruyama at 8 and 16 steps and ShARK at 8 (with the number of drift calls of each)."""
+    Euler-Maruyama at 8 and 16 steps (both with their trajectories: the dyadic-refinement test reads the
+    Brownian path back from them) and ShARK at 8 (with the number of drift calls of each)."""
     runs = {
         "ref_w": run("heun", 64),  # W only: the path of euler_maruyama and heun
         "ref_levy": run("shark", 64),  # W and its Lévy area: the path of shark and sra1
         "em8": run("euler_maruyama", 8, save_trajectory=True),
-        "em16": run("euler_maruyama", 16),
+        "em16": run("euler_maruyama", 16, save_trajectory=True),
         "shark8": run("shark", 8),
     }
     return {name: (result.x1, result, calls) for name, (result, calls) in runs.items()}
@@ -164,36 +165,56 @@ def test_every_solver_converges_and_counts_its_drift_calls(ou, solver):
     assert abs(float(jnp.mean(x - ref))) < 1.1 * em_bias
 
 
-def test_same_key_same_path_and_a_finer_dyadic_grid_refines_it():
-    zero = lambda t, x: jnp.zeros_like(x)  # noqa: E731  x_t = x0 + W_t: the Brownian path itself
-    x0 = jnp.zeros((3, 2))
-    coarse = sample_sde(zero, 1.0, x0, key=KEY, steps=4, save_trajectory=True).trajectory.xs
-    again = sample_sde(zero, 1.0, x0, key=KEY, steps=4, save_trajectory=True).trajectory.xs
-    fine = sample_sde(zero, 1.0, x0, key=KEY, steps=8, save_trajectory=True).trajectory.xs
-    other = sample_sde(zero, 1.0, x0, key=jax.random.key(1), steps=4, save_trajectory=True).trajectory.xs
+def _brownian_path(trajectory):
+    """W at the grid times of an Euler-Maruyama trajectory of the OU process: each step is
+    x_{k+1} = (1 - h) x_k + sqrt(2) dW_k, so the increments read back exactly."""
+    h = 1.0 / (trajectory.xs.shape[0] - 1)
+    increments = (trajectory.xs[1:] - (1 - h) * trajectory.xs[:-1]) / SQRT2
+    return jnp.concatenate([jnp.zeros_like(increments[:1]), jnp.cumsum(increments, axis=0)])
+
+
+def test_same_key_same_path_and_a_finer_dyadic_grid_refines_it(ou):
+    """The Brownian path read back from Euler-Maruyama's 8- and 16-step solves (the fixture's, one
+    compiled program each: the same key, solved again, and another key reuse them)."""
+    coarse = _brownian_path(ou["em8"][1].trajectory)
+    again = _brownian_path(run("euler_maruyama", 8, save_trajectory=True)[0].trajectory)
+    fine = _brownian_path(ou["em16"][1].trajectory)
+    other = _brownian_path(
+        run("euler_maruyama", 8, key=jax.random.key(1), save_trajectory=True)[0].trajectory
+    )
     np.testing.assert_array_equal(coarse, again)
-    np.testing.assert_allclose(fine[::2], coarse, atol=1e-6)
+    np.testing.assert_allclose(fine[::2], coarse, atol=2e-5)
     assert not np.allclose(other, coarse)
-    # the noise scale multiplies the path: per-sample scales () -> [batch]
-    scaled = sample_sde(zero, lambda t: jnp.array([0.0, 1.0, 2.0]), x0, key=KEY, steps=4).x1
-    np.testing.assert_allclose(scaled, jnp.array([0.0, 1.0, 2.0])[:, None] * coarse[-1], rtol=1e-6)
+    # a real path: W_1 ~ N(0, 1) over the 8192 coordinates (4 standard errors)
+    assert abs(float(jnp.var(coarse[-1])) - 1.0) < 4 * math.sqrt(2 / coarse[-1].size)
 
 
 def test_jit_matches_eager_and_status_reports_a_non_finite_drift(ou):
+    """One jitted program: Euler-Maruyama with per-sample noise scales c_i sqrt(2), c_i in {0, 1, 2}
+    (diffusion(t) of shape [batch]), and a solve whose drift blows up. The scales multiply the noise
+    of each sample: x_k - a (1-h)^k = c_i (eager x_k - a (1-h)^k) at every grid time, so the rows of
+    scale 1 are the eager solve itself."""
     _, eager, _ = ou["em8"]
-    jitted = jax.jit(lambda x0, key: sample_sde(ou_drift, SQRT2, x0, key=key, steps=8, save_trajectory=True))(
-        jnp.full(PATHS, A), KEY
-    )
-    np.testing.assert_allclose(jitted.x1, eager.x1, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(jitted.trajectory.xs, eager.trajectory.xs, rtol=1e-5, atol=1e-6)
 
     def blows_up(t, x):
         return jnp.where(t > 0.5, jnp.nan, -x)
 
+    scales = jnp.array([0.0, 1.0, 2.0])[jnp.arange(PATHS[0]) % 3]
     x0 = jnp.ones((2, 2))
+
+    @jax.jit
+    def solves(start, key, x0):
+        scaled = sample_sde(ou_drift, lambda t: SQRT2 * scales, start, key=key, steps=8, save_trajectory=True)
+        return scaled, sample_sde(blows_up, 1.0, x0, key=key, steps=8).status
+
+    jitted, status = solves(jnp.full(PATHS, A), KEY, x0)
+    mean = A * (1 - 1 / 8) ** np.arange(9)[:, None, None]
+    np.testing.assert_allclose(
+        jitted.trajectory.xs - mean, scales[:, None] * (eager.trajectory.xs - mean), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(jitted.x1[1::3], eager.x1[1::3], rtol=1e-5, atol=1e-6)  # scale 1: eager
     with pytest.raises(FloatingPointError, match=r"drift\(t, x\) returned NaN or inf at t=0.625"):
         sample_sde(blows_up, 1.0, x0, key=KEY, steps=8)
-    status = jax.jit(lambda x0: sample_sde(blows_up, 1.0, x0, key=KEY, steps=8).status)(x0)
     assert int(status) == 1  # "non-finite"
 
 
