@@ -46,6 +46,7 @@ from fmjax.likelihood import divergence_exact, log_likelihood
 from fmjax.runs import Run, RunConfig, train
 from fmjax.runs.pipeline import steps_per_dispatch
 from fmjax.runs.tasks import images as image_runs
+from fmjax.runs.tasks import task_of
 from fmjax.sampling import as_velocity, sample
 
 DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "DEVICE.md")
@@ -286,7 +287,8 @@ def _chunked(config: RunConfig, source) -> RunConfig:
     """``config`` logging once per dispatch, so every logged record times whole dispatches of equal size."""
     coupling = config.make_coupling()
     host = coupling if hasattr(coupling, "solve_host") else None  # solved on the host, as train does
-    return dataclasses.replace(config, log_every=steps_per_dispatch(config, source, host))
+    scan = task_of(config).scans(jax.default_backend())  # as train does: one step per dispatch if not
+    return dataclasses.replace(config, log_every=steps_per_dispatch(config, source, host, scan=scan))
 
 
 def _failure(error: BaseException) -> str:

@@ -58,16 +58,19 @@ def _command_in(argv: list[str]) -> str | None:
     return None
 
 
-def _drop_closed_loop_noise(unraisable: Any) -> None:
-    """Drop the ``Event loop is closed`` errors left behind by an aborted checkpoint write.
+def _drop_reported_unraisables(unraisable: Any) -> None:
+    """Drop the unraisable errors the CLI reports itself, in one line.
 
-    When a write fails (a full disk), orbax closes its event loop while tensorstore still holds
-    callbacks into it; each of those then raises an unraisable RuntimeError that Python would print
-    as a bare traceback. The CLI reports the failure itself in one line; anything else still goes
-    to Python's default hook.
+    ``Event loop is closed``: when a checkpoint write fails (a full disk), orbax closes its event loop
+    while tensorstore still holds callbacks into it; each of those then raises an unraisable
+    RuntimeError that Python would print as a bare traceback. KeyboardInterrupt: a Ctrl-C that lands
+    in a garbage-collection callback (jax's) is swallowed there; ``Interrupts`` counted it and the
+    command reports the interruption. Anything else still goes to Python's default hook.
     """
     error = unraisable.exc_value
     if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return
+    if isinstance(error, KeyboardInterrupt):
         return
     sys.__unraisablehook__(unraisable)
 
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     # the CLI says it in one line
     logging.getLogger("absl").setLevel(logging.CRITICAL)
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    sys.unraisablehook = _drop_closed_loop_noise
+    sys.unraisablehook = _drop_reported_unraisables
     naming = None
     try:
         parser, commands = _parser(_command_in(sys.argv[1:] if argv is None else argv))

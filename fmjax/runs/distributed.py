@@ -31,11 +31,9 @@ def agree(run_dir: str, config: RunConfig, error: BaseException | None) -> None:
     configuration, and started; if any did not, every process raises (one line) instead of waiting."""
     mine = {"run_dir": os.path.abspath(run_dir), "config": config.to_json()}
     first = from_process_0(mine if jax.process_index() == 0 else None)
-    code = (
-        (mine["run_dir"] != first["run_dir"]) * 1
-        + (mine["config"] != first["config"]) * 2
-        + (error is not None) * 4
-    )
+    # compared as configurations: the broadcast's JSON turns tuple fields (channel_mults) into lists
+    theirs = RunConfig.from_json(first["config"])
+    code = (mine["run_dir"] != first["run_dir"]) * 1 + (config != theirs) * 2 + (error is not None) * 4
     codes = np.asarray(multihost_utils.process_allgather(np.int32(code))).reshape(-1)
     if not codes.any():
         return
@@ -43,7 +41,7 @@ def agree(run_dir: str, config: RunConfig, error: BaseException | None) -> None:
         raise error
     wrong_dir, wrong_config = np.flatnonzero(codes & 1).tolist(), np.flatnonzero(codes & 2).tolist()
     failed = np.flatnonzero(codes & 4).tolist()
-    differs = config.differing(RunConfig.from_json(first["config"])) if code & 2 else []
+    differs = config.differing(theirs) if code & 2 else []
 
     def message(n: Callable[[str], str]) -> str:
         parts = []

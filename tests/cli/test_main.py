@@ -264,3 +264,17 @@ def test_device_options_are_checked_before_anything_is_written(tmp_path, capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not out.exists()
+
+
+def test_unraisable_errors_the_cli_reports_itself_are_not_printed(monkeypatch):
+    from types import SimpleNamespace
+
+    from fmjax.cli.main import _drop_reported_unraisables
+
+    passed_on = []
+    monkeypatch.setattr(sys, "__unraisablehook__", passed_on.append)  # Python's printing hook
+    reported = [KeyboardInterrupt(), RuntimeError("Event loop is closed")]  # a Ctrl-C in a gc callback; orbax
+    other = RuntimeError("something else")
+    for error in [*reported, other]:
+        _drop_reported_unraisables(SimpleNamespace(exc_type=type(error), exc_value=error))
+    assert [u.exc_value for u in passed_on] == [other]
