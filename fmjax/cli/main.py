@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.CRITICAL)
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     sys.unraisablehook = _drop_reported_unraisables
-    naming = None
+    naming, started = None, False
     try:
         parser, commands = _parser(_command_in(sys.argv[1:] if argv is None else argv))
         args = parser.parse_args(argv)
@@ -110,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(COMMANDS[args.command][0])
         # errors name the library's arguments by the options that set them
         naming = args.naming = parser_naming(commands[args.command], module.ALIASES)
-        if interrupts.requested():  # while the command's modules loaded
+        if interrupts.requested():  # while the command's modules loaded (swallowed by a gc callback)
             return interrupted("interrupted before it started; nothing was written")
+        started = True
         return module.run(args, interrupts)
     except (UsageError, FloatingPointError, OSError, ValueError, TypeError) as error:
         # OSError: missing paths, a locked run directory, a full disk while writing (the checkpoints already
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fmjax: error: {one_line(error, naming or (lambda name: name))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
+        if not started:  # while the command's modules loaded
+            return interrupted("interrupted before it started; nothing was written")
         return interrupted("interrupted; nothing already written was changed")
     finally:
         if in_main_thread:

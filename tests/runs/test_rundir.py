@@ -882,7 +882,9 @@ def test_runs_killed_during_async_checkpoint_writes_resume_bitwise(reference, tm
 def test_ctrl_c_while_loading_and_during_the_evaluation(long_reference, tmp_path, capsys):
     out = tmp_path / "run"
     process = _start(out)
-    time.sleep(0.3)  # importing jax
+    # while the command's modules load (jax: a second or more); not sooner: before main() installs its
+    # handler (Python starting up) a Ctrl-C is Python's own KeyboardInterrupt
+    time.sleep(0.8)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130 and "interrupted before it started" in _one_line(err)
