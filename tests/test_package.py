@@ -63,7 +63,8 @@ def _imports(module: str) -> set[str]:
             if node.level:
                 anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
                 base = f"{anchor}.{base}" if base else anchor
-            names = [f"{base}.{alias.name}" for alias in node.names]
+            # ``from P import x`` runs P (its __init__ too) and, if x is a submodule, P.x
+            names = [base, *(f"{base}.{alias.name}" for alias in node.names)]
         else:
             continue
         for name in names:

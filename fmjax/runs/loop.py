@@ -16,10 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+import fmjax.runs.distributed as distributed
+import fmjax.runs.pipeline as pipeline
 from fmjax._assignment import HAVE_NATIVE
 from fmjax._checks import ArgumentError
 from fmjax.checkpoint import Checkpointer
-from fmjax.runs import distributed, pipeline
 from fmjax.runs.config import RunConfig
 from fmjax.runs.run import Run, holds_its_step
 from fmjax.runs.rundir import CHECKPOINT_DIR, METRICS_FILE, resume_metrics, take_run_dir
