@@ -84,7 +84,7 @@ def _parser(chosen: str | None) -> tuple[Parser, dict[str, Parser]]:
     sub = parser.add_subparsers(dest="command", parser_class=Parser)
     for name, (module, help_text) in COMMANDS.items():
         if name == chosen:
-            importlib.import_module(module).add_parser(sub)
+            importlib.import_module(module).add_parser(sub, help_text)
         else:
             sub.add_parser(name, help=help_text)
     return parser, sub.choices

@@ -5,20 +5,20 @@ from __future__ import annotations
 
 import os
 
+from fmjax import runs
+from fmjax._checks import check_choice, check_int
 from fmjax.cli.common import HelpFormat, UsageError, load, say
+from fmjax.likelihood import DIVERGENCES, PROBES
+from fmjax.runs.tasks.images import image_bits_per_dim
+from fmjax.sampling import SOLVERS
 
-HELP = "negative log-likelihood of fresh target points under a trained run"
-
-ALIASES: dict[
-    str, str
-] = {}  # the library's arguments are named as the options (see cli.common.parser_naming)
+# the library's arguments are named as the options (see cli.common.parser_naming)
+ALIASES: dict[str, str] = {}
 
 
-def add_parser(sub) -> None:
-    from fmjax.likelihood import DIVERGENCES, PROBES
-    from fmjax.sampling import SOLVERS
-
-    p = sub.add_parser("nll", help=HELP, formatter_class=HelpFormat)
+def add_parser(sub, help_text: str) -> None:
+    """Add the command's parser to ``sub``; ``help_text`` is its line in ``fmjax.cli.main.COMMANDS``."""
+    p = sub.add_parser("nll", help=help_text, formatter_class=HelpFormat)
     p.add_argument("run_dir", help="a directory written by fmjax train")
     p.add_argument("--n", type=int, default=1000, help="number of target points")
     p.add_argument("--divergence", default="exact", help=f"one of {', '.join(DIVERGENCES)}")
@@ -32,10 +32,6 @@ def add_parser(sub) -> None:
 
 def _check_options(args) -> None:
     """The options, checked before anything is announced or computed."""
-    from fmjax._checks import check_choice, check_int
-    from fmjax.likelihood import DIVERGENCES, PROBES
-    from fmjax.sampling import SOLVERS
-
     check_int("n", args.n, low=2)
     check_choice("solver", args.solver, SOLVERS)
     check_choice("divergence", args.divergence, DIVERGENCES)
@@ -46,8 +42,6 @@ def _check_options(args) -> None:
 
 def run(args, interrupts) -> int:
     """``fmjax nll``."""
-    from fmjax.sampling import SOLVERS
-
     if args.solver in SOLVERS and not SOLVERS[args.solver].adaptive:
         adaptive = ", ".join(name for name, solver in SOLVERS.items() if solver.adaptive)
         raise UsageError(f"--solver must be adaptive ({adaptive}); got {args.solver!r}")
@@ -61,8 +55,6 @@ def run(args, interrupts) -> int:
 
 
 def _images(run, args) -> tuple[dict, str]:
-    from fmjax.runs.tasks.images import image_bits_per_dim
-
     params = run.state.ema_params if run.config.eval_ema else run.state.params
     result = image_bits_per_dim(
         run.config, run.apply_fn, params, n=args.n, divergence=args.divergence,
@@ -78,8 +70,6 @@ def _images(run, args) -> tuple[dict, str]:
 
 
 def _points(run, args) -> tuple[dict, str]:
-    from fmjax import runs
-
     result = runs.negative_log_likelihood(
         run,
         n=args.n,
@@ -100,8 +90,6 @@ def _points(run, args) -> tuple[dict, str]:
 def _report(run_dir: str, result: dict, message: str) -> int:
     """Append the result to the run's metrics (nothing is overwritten; safe beside a training run) and
     print it."""
-    from fmjax import runs
-
     runs.append_record(os.path.join(run_dir, runs.METRICS_FILE), {"event": "nll", **result})
     print(message)
     return 0

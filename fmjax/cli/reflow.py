@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+from fmjax import runs
 from fmjax.cli.common import HelpFormat, interrupted, say
 from fmjax.cli.train import add_run_options, train_and_evaluate
-
-HELP = "rectified flow's reflow: solve a run's flow for (x0, x1) pairs, train a new run on them"
+from fmjax.sampling import SOLVERS
 
 ALIASES = {"run_dir": "--out"}  # the new run's directory (the teacher is the positional RUN_DIR)
 
 
-def add_parser(sub) -> None:
-    from fmjax.sampling import SOLVERS
-
-    p = sub.add_parser("reflow", formatter_class=HelpFormat, help=HELP)
+def add_parser(sub, help_text: str) -> None:
+    """Add the command's parser to ``sub``; ``help_text`` is its line in ``fmjax.cli.main.COMMANDS``."""
+    p = sub.add_parser("reflow", formatter_class=HelpFormat, help=help_text)
     p.add_argument("run_dir", help="the teacher: a directory written by fmjax train (or fmjax reflow)")
     p.add_argument("--out", required=True, help="the new run's directory (its pairs go to OUT/pairs.npz)")
     p.add_argument(
@@ -42,8 +41,6 @@ def add_parser(sub) -> None:
 
 def run(args, interrupts) -> int:
     """``fmjax reflow``."""
-    from fmjax import runs
-
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size)) if v is not None}
     if interrupts.requested():
         return interrupted("interrupted before it started; nothing was written")

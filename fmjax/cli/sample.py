@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import os
 
+from fmjax import plotting, runs
+from fmjax._checks import check_choice, check_int
 from fmjax.cli.common import HelpFormat, UsageError, load, say, warn
-
-HELP = "sample a trained run: a PNG of the samples, NFE and W2"
+from fmjax.data.toy import sample as toy_sample
+from fmjax.metrics import wasserstein2
+from fmjax.runs.tasks.images import generate_images
+from fmjax.sampling import SOLVERS
 
 ALIASES = {"class": "--class"}  # the library's name of the option --class sets (args.label)
 
 
-def add_parser(sub) -> None:
-    from fmjax.sampling import SOLVERS
-
-    p = sub.add_parser("sample", help=HELP, formatter_class=HelpFormat)
+def add_parser(sub, help_text: str) -> None:
+    """Add the command's parser to ``sub``; ``help_text`` is its line in ``fmjax.cli.main.COMMANDS``."""
+    p = sub.add_parser("sample", help=help_text, formatter_class=HelpFormat)
     p.add_argument("run_dir", help="a directory written by fmjax train")
     p.add_argument("--n", type=int, default=2000, help="number of samples")
     p.add_argument("--solver", default="dopri5", help=f"one of {', '.join(SOLVERS)}")
@@ -61,9 +64,6 @@ def _check_conditional_options(run, args) -> None:
 
 def _check_options(args) -> None:
     """The options, checked before anything is announced or computed."""
-    from fmjax._checks import check_choice, check_int
-    from fmjax.sampling import SOLVERS
-
     check_int("n", args.n, low=1)
     check_choice("solver", args.solver, SOLVERS)
     if args.steps is not None:
@@ -104,9 +104,6 @@ def _options(args) -> dict:
 
 
 def _images(run, args, out: str, what: str) -> int:
-    from fmjax import plotting
-    from fmjax.runs.tasks.images import generate_images
-
     say(f"sampling {args.n} images ({what})")
     images, nfe = generate_images(run, label=args.label, **_options(args))
     rows = " (a row per class)" if run.config.conditional and args.label is None else ""
@@ -119,10 +116,6 @@ def _images(run, args, out: str, what: str) -> int:
 def _points(run, args, out: str, what: str) -> int:
     import jax
     import numpy as np
-
-    from fmjax import plotting, runs
-    from fmjax.data.toy import sample as toy_sample
-    from fmjax.metrics import wasserstein2
 
     config = run.config
     if config.conditional and args.label is None:  # a panel per class

@@ -12,10 +12,12 @@ import os
 import time
 from typing import Any
 
+from fmjax import runs
+from fmjax._checks import message_of
 from fmjax.cli.common import HelpFormat, UsageError, interrupted, say, warn
 from fmjax.cli.options import add_config_options, config_from_args, foreign_flags
-
-HELP = "train a flow (2D toy data, or images with --dataset) and evaluate it"
+from fmjax.runs import RunConfig
+from fmjax.tensorboard import WandbLogger
 
 ALIASES = {
     "run_dir": "--out"
@@ -44,10 +46,11 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-eval", action="store_true", help="train only; the same command again evaluates")
 
 
-def add_parser(sub) -> None:
+def add_parser(sub, help_text: str) -> None:
+    """Add the command's parser to ``sub``; ``help_text`` is its line in ``fmjax.cli.main.COMMANDS``."""
     p = sub.add_parser(
         "train",
-        help=HELP,
+        help=help_text,
         description="Train a flow from a source to a target (2D toy data, or Gaussian noise to images with "
         "--dataset), checkpointing as it goes, then evaluate it. The same command resumes a stopped run.",
         formatter_class=HelpFormat,
@@ -91,8 +94,6 @@ def _default_run_dir() -> str:
 
 
 def _config(args):
-    from fmjax.runs import RunConfig
-
     given = config_from_args(args)
     foreign = foreign_flags(given)
     if foreign:
@@ -142,8 +143,6 @@ def _init_distributed(args) -> None:
 
 def run(args, interrupts) -> int:
     """``fmjax train``."""
-    from fmjax import runs
-
     config = _config(args)
     _init_distributed(args)
     import jax
@@ -156,8 +155,6 @@ def run(args, interrupts) -> int:
 
     loggers = []
     if args.wandb is not None and jax.process_index() == 0:
-        from fmjax.tensorboard import WandbLogger
-
         try:
             name = os.path.basename(os.path.normpath(run_dir))
             loggers.append(WandbLogger(project=args.wandb, name=name, config=config.to_json()))
@@ -186,9 +183,6 @@ def train_and_evaluate(args, interrupts, config, run_dir: str, loggers: list, in
     ``fmjax reflow``); notes name the command's options through ``args.naming``."""
     import jax
     from tqdm import tqdm
-
-    from fmjax import runs
-    from fmjax._checks import message_of
 
     for note in config.warnings(args.naming):
         warn(note)
@@ -263,8 +257,6 @@ def train_and_evaluate(args, interrupts, config, run_dir: str, loggers: list, in
 
 def _current_summary(run_dir: str, steps: int) -> dict | None:
     """The run's ``summary.json`` if it evaluates its final step, else None (evaluate again)."""
-    from fmjax import runs
-
     try:
         with open(os.path.join(run_dir, runs.SUMMARY_FILE)) as f:
             summary = json.load(f)
