@@ -59,29 +59,29 @@ def _logged_steps(out):
         return 0
 
 
-def test_killed_runs_resume_bit_for_bit(reference, tmp_path):
-    # trial 0 is killed after a random number of logged chunks (surely mid-training), trial 1 at a
-    # random moment of the whole command (start-up, training or evaluation)
-    rng = random.Random(0)
-    for trial in range(2):
-        out = tmp_path / f"killed{trial}"
-        process = subprocess.Popen([FMJAX, "train", "--out", str(out), *ARGS], stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)  # fmt: skip
-        if trial == 0:
-            target = rng.randint(5, STEPS // 200 - 5)
-            deadline = time.monotonic() + 120
-            while _logged_steps(out) < target and time.monotonic() < deadline:
-                time.sleep(0.005)
-            assert _logged_steps(out) < STEPS // 200  # killed before the end of training
-        else:
-            time.sleep(rng.uniform(0.5, 8.0))
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        done = _train(out)
-        assert done.returncode == 0, done.stderr[-2000:]
-        _assert_same_run(reference, out)
-        steps = sorted(int(d) for d in os.listdir(out / "checkpoints") if d.isdigit())
-        assert steps[-1] == STEPS and len(steps) <= 3
+@pytest.mark.parametrize("moment", ["mid-training", "any"])
+def test_killed_runs_resume_bit_for_bit(reference, tmp_path, moment):
+    # killed after a random number of logged chunks (surely mid-training), or at a random moment of the
+    # whole command (start-up, training or evaluation)
+    rng = random.Random(0 if moment == "mid-training" else 1)
+    out = tmp_path / "killed"
+    process = subprocess.Popen([FMJAX, "train", "--out", str(out), *ARGS], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    if moment == "mid-training":
+        target = rng.randint(5, STEPS // 200 - 5)
+        deadline = time.monotonic() + 120
+        while _logged_steps(out) < target and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert _logged_steps(out) < STEPS // 200  # killed before the end of training
+    else:
+        time.sleep(rng.uniform(0.5, 8.0))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = _train(out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    _assert_same_run(reference, out)
+    steps = sorted(int(d) for d in os.listdir(out / "checkpoints") if d.isdigit())
+    assert steps[-1] == STEPS and len(steps) <= 3
 
 
 def test_an_unreadable_checkpoint_is_set_aside_and_the_previous_used(reference, tmp_path):
