@@ -45,11 +45,11 @@ from fmjax.couplings._exact import (
 )
 from fmjax.couplings._independent import Independent, independent
 from fmjax.couplings._registry import COUPLINGS, make_coupling, resolve_coupling
+from fmjax.couplings._sampling import sample_plan_pairs, sample_plan_rows
 from fmjax.couplings._sharding import GlobalBatch, PerShard
 from fmjax.couplings._sinkhorn import (
     MAX_SINKHORN_ITERATIONS,
     Sinkhorn,
-    sample_plan_rows,
     schrodinger_bridge,
     sinkhorn,
 )
@@ -67,6 +67,7 @@ __all__ = [
     "PerShard",
     "GlobalBatch",
     "sample_plan_rows",
+    "sample_plan_pairs",
     "squared_distances",
     "check_cond",
     "COUPLINGS",

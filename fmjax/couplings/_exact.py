@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fmjax._checks import check_bool, check_choice
 from fmjax.couplings._base import SCOPES, Coupling, Labels, _coupling_dataclass, _status
-from fmjax.couplings._costs import _centred_costs, _normalised
+from fmjax.couplings._costs import (
+    _centred_costs,
+    _normalised,
+    check_cost,
+    check_cost_output,
+    cost_matrix,
+)
 
 # Up to this many dimensions per sample the exact coupling sends the points to the host, which forms
 # the costs itself; above it the device builds the n x n cost matrix with a matrix product.
@@ -110,29 +119,48 @@ class Exact(Coupling):
     assignment costs), so the result pairs as few samples across classes as the counts allow (the
     surplus of each class) and is optimal among such permutations, up to the float32 rounding of the
     raised costs.
+
+    Other costs: with ``cost`` (a function ``cost(x, y) -> [n, m]`` of batches x [n, *dims], y [m, *dims])
+    the permutation minimises ``sum_i cost(x0, x1)[i, j_i]``; with ``manifold=M`` it minimises the sum of
+    squared geodesic distances ``sum_i M.dist(x0[i], x1[j_i])^2``. The device computes the cost matrix,
+    less its minimum (which changes no permutation's rank and keeps the by-label raise above valid for
+    signed costs), and the host solves the float32 matrix. The cost must be finite: an inf or NaN entry
+    is a failed solve (``HOST_NOT_FINITE``).
     """
 
     scope: str = "local"
     by_label: bool = False
+    cost: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+    manifold: Any = None
 
     def __post_init__(self):
         check_choice("scope", self.scope, SCOPES)
         object.__setattr__(self, "by_label", check_bool("by_label", self.by_label))
+        check_cost(self.cost, self.manifold)
+
+    def _check_inputs(self, key, x0, x1) -> None:
+        super()._check_inputs(key, x0, x1)
+        check_cost_output(self.cost, self.manifold, x0, x1)
 
     def host_inputs(
         self, x0: jax.Array, x1: jax.Array, labels0: Labels = None, labels1: Labels = None
     ) -> tuple[jax.Array, ...]:
         """What ``solve_host`` needs, computed on the device: the centred float32 points ``(a, b)`` of
         shape [n, d] when d <= 32, else the float32 cost matrix ``(C,)`` of shape [n, n]; both scaled
-        by a power of two so that max(|a|, |b|) lies in [0.5, 1). With ``by_label`` the int32 labels
+        by a power of two so that max(|a|, |b|) lies in [0.5, 1). With a ``cost`` or ``manifold``,
+        always ``(C - min C,)``, C that cost's matrix. With ``by_label`` the int32 labels
         ``(labels0, labels1)`` (shape [n] each; labels0 = labels1 when not given) follow:
         ``(a, b, labels0, labels1)`` or ``(C, labels0, labels1)``."""
+        check_cost_output(self.cost, self.manifold, x0, x1)
         return self._host_inputs(x0, x1, self._labels(x0, labels0, labels1))
 
-    @staticmethod
-    def _host_inputs(x0, x1, labels) -> tuple[jax.Array, ...]:
+    def _host_inputs(self, x0, x1, labels) -> tuple[jax.Array, ...]:
         """``host_inputs`` for labels already checked: ``(labels0, labels1)`` (int32 [n] each) or None."""
         n = x0.shape[0]
+        if self.cost is not None or self.manifold is not None:
+            cost = cost_matrix(self.cost, self.manifold, x0, x1)
+            inputs = ((cost - jnp.min(cost)).astype(jnp.float32),)
+            return inputs if labels is None else inputs + labels
         a, b, _ = _normalised(x0.reshape(n, -1), x1.reshape(n, -1))
         if a.shape[1] <= POINTS_ON_HOST_MAX_DIM:
             inputs = (a.astype(jnp.float32), b.astype(jnp.float32))
@@ -210,11 +238,27 @@ class Exact(Coupling):
         raise RuntimeError(f"exact coupling: the host assignment solve failed: {reason}")
 
 
-def exact(*, scope: str = "local", by_label: bool = False) -> Exact:
+def exact(
+    *,
+    scope: str = "local",
+    by_label: bool = False,
+    cost: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+    manifold: Any = None,
+) -> Exact:
     """Return the exact OT coupling (OT-CFM): an optimal permutation of x1 for x0.
 
     With ``by_label=True`` it pairs only within classes, optimally within each class; calls take the
     labels as ``labels1=`` (x1's) and optionally ``labels0=`` (x0's). See ``Exact``.
+
+    The permutation minimises ``sum_i C[i, j_i]`` for the cost matrix C of shape [n, n]: by default
+    ``C_ij = ||x0[i] - x1[j]||^2``; with ``cost=f``, ``C = f(x0, x1)`` (f maps batches [n, *dims] and
+    [m, *dims] to [n, m], and must be hashable: a function is); with ``manifold=M``,
+    ``C_ij = M.dist(x0[i], x1[j])^2``. Giving both is a ValueError.
+
+    >>> import jax.numpy as jnp
+    >>> x = jnp.array([[0.0], [1.0], [2.0]])
+    >>> exact(cost=lambda x, y: x @ y.T)(None, x, x)[1].tolist()  # min sum x_i y_j: anti-monotone
+    [2, 1, 0]
 
     >>> import jax.numpy as jnp
     >>> x0 = jnp.array([[0.0], [1.0], [2.0], [3.0]])
@@ -223,4 +267,4 @@ def exact(*, scope: str = "local", by_label: bool = False) -> Exact:
     ...                      labels1=jnp.array([1, 0, 1, 0]))[1].tolist()
     [1, 0, 3, 2]
     """
-    return Exact(scope=scope, by_label=by_label)
+    return Exact(scope=scope, by_label=by_label, cost=cost, manifold=manifold)

@@ -30,6 +30,9 @@ class _OnMesh(Coupling):
     def pairs(self, key, x0, x1):
         return self.inner.pairs(key, x0, x1)
 
+    def _check_inputs(self, key, x0, x1):
+        self.inner._check_inputs(key, x0, x1)  # the inner coupling's checks (e.g. its cost's shape)
+
     def _pairs_with_details(self, key, x0, x1, labels=None):
         return _pairs_and_status(self.inner, key, x0, x1, labels)
 
