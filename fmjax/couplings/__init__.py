@@ -8,10 +8,10 @@ are jit-able.
 Every coupling also reports whether its solver succeeded:
 ``coupling.apply_with_status(key, x0, x1) -> (x0[i], x1[j], (i, j), status)``, where ``status`` is a
 dict of two scalar arrays, ``"coupling_converged"`` (bool) and ``"coupling_error"`` (float32: the
-Sinkhorn plan's marginal error; 0.0 for the independent coupling; 0.0 for the exact coupling when its
-host solve succeeded and inf when it failed). Under ``jit`` the status is the only report; called
-eagerly, a Sinkhorn coupling that did not converge warns (``CouplingWarning``) and an exact coupling
-whose host solve failed raises.
+Sinkhorn plan's marginal error, or an unbalanced plan's optimality residual; 0.0 for the independent
+coupling; 0.0 for the exact coupling when its host solve succeeded and inf when it failed). Under
+``jit`` the status is the only report; called eagerly, a Sinkhorn coupling that did not converge warns
+(``CouplingWarning``) and an exact coupling whose host solve failed raises.
 
 Label-aware couplings (``exact(by_label=True)``, ``sinkhorn(..., by_label=True)``,
 ``schrodinger_bridge(..., by_label=True)``) pair only within a class: every call takes the integer
@@ -19,6 +19,12 @@ class labels as keywords, ``coupling(key, x0, x1, labels1=y1)`` (x1's labels alo
 ``labels0=y0, labels1=y1`` (both sides); see ``Exact`` for what happens when the class counts of the
 two sides differ. ``apply_with_cond(key, x0, x1, cond, ...)`` also moves a condition (any pytree with
 the batch as leading axis of its leaves, paired with x1) by the same j index: ``cond[j]``.
+
+The OT couplings minimise squared Euclidean distances unless given another cost: ``cost=f`` (a hashable
+function, ``f(x0, x1) -> [n, m]``) or ``manifold=M`` (squared geodesic distances ``M.dist(x, y) ** 2``)
+for ``exact`` and ``sinkhorn`` (``manifold`` for ``schrodinger_bridge`` too). ``sinkhorn(tau_a=...,
+tau_b=...)`` relaxes the marginals (unbalanced OT, ott-jax's ``tau = rho / (rho + epsilon)``; see
+``Sinkhorn``).
 
 >>> import jax, jax.numpy as jnp
 >>> from fmjax.couplings import independent

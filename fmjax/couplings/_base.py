@@ -217,7 +217,8 @@ class Coupling(abc.ABC):
 
         ``status = {"coupling_converged": bool[], "coupling_error": float32[]}``: whether the solver
         converged and its final error (Sinkhorn: the plan's marginal error
-        ``sum_i |sum_j P_ij - 1/n| + sum_j |sum_i P_ij - 1/n|``; exact: 0.0, or inf when the host
+        ``sum_i |sum_j P_ij - 1/n| + sum_j |sum_i P_ij - 1/n|``, or with tau_a or tau_b < 1 the
+        unbalanced solver's optimality residual (see ``Sinkhorn``); exact: 0.0, or inf when the host
         solve failed; independent: 0.0). jit-able; a step can put the status in its metrics.
         ``labels0``/``labels1`` as for ``__call__``.
         """

@@ -395,10 +395,11 @@ def schrodinger_bridge(
     ``CouplingWarning`` when called eagerly), not hidden. ``by_label=True`` pairs only within classes
     (see ``Sinkhorn``).
 
-    ``manifold=M`` uses the squared geodesic distances ``M.dist(x0[i], x1[j])^2``: the Brownian heat
-    kernel on M behaves as ``exp(-d^2 / (2 sigma^2))`` for small sigma (Varadhan), as the Euclidean one
-    does exactly. There is no ``cost=``: epsilon = 2 sigma^2 is tied to squared distances (use
-    ``sinkhorn(cost=..., epsilon=..., relative_epsilon=False)`` for another cost).
+    ``manifold=M`` uses the squared geodesic distances ``M.dist(x0[i], x1[j])^2``: the heat kernel of
+    Brownian motion on M at scale sigma behaves as ``exp(-d^2 / (2 sigma^2))`` to leading order for
+    small sigma (Varadhan's formula), as the Euclidean one does exactly. There is no ``cost=``:
+    epsilon = 2 sigma^2 is tied to squared distances (use ``sinkhorn(cost=..., epsilon=...,
+    relative_epsilon=False)`` for another cost).
     """
     sigma = _real("sigma", sigma, low=0.0, low_inclusive=False)
     epsilon = 2.0 * sigma * sigma  # a product, not sigma**2, which raises OverflowError for a huge sigma

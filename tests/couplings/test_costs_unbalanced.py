@@ -11,6 +11,7 @@ import ot
 import pytest
 
 from fmjax.couplings import (
+    CouplingWarning,
     PerShard,
     exact,
     make_coupling,
@@ -122,6 +123,17 @@ def test_unbalanced_plan_is_pots_with_reg_m_rho_and_tau_rho_over_rho_plus_epsilo
         np.testing.assert_allclose(plan.sum(axis=1), 1 / 8, rtol=1e-4)
         i, _ = coupling(KEY, x0, x1)
         np.testing.assert_array_equal(i, np.arange(8))
+
+
+def test_an_unconverged_unbalanced_plan_reports_its_optimality_error():
+    x0 = jax.random.normal(jax.random.key(1), (8, 2))
+    coupling = sinkhorn(tau_a=0.5, tau_b=0.5, max_iterations=2)
+    with pytest.warns(
+        CouplingWarning, match=r"2 iterations .*optimality error \(unbalanced\) [0-9.e+-]+ >= thr"
+    ):
+        _, _, (i, j), status = coupling.apply_with_status(KEY, x0, x0 + 3.0)
+    assert not bool(status["coupling_converged"]) and 1e-3 <= float(status["coupling_error"]) < math.inf
+    assert 0 <= int(i.min()) and int(i.max()) < 8 and 0 <= int(j.min()) and int(j.max()) < 8
 
 
 # --- other costs ------------------------------------------------------------------------------------------
