@@ -1,5 +1,6 @@
-"""Data: 2D toy samplers (``fmjax.data.toy``), image datasets via tfds (``fmjax.data.tfds_sources``) and
-stored (x0, x1) pairs for reflow (``fmjax.data.pairs``)."""
+"""Data: 2D toy samplers (``fmjax.data.toy``), image datasets via tfds (``fmjax.data.tfds_sources``),
+Earth event datasets on the sphere (``fmjax.data.earth``) and stored (x0, x1) pairs for reflow
+(``fmjax.data.pairs``)."""
 
 from fmjax.data.pairs import PairSource, load_pairs, save_pairs
 from fmjax.data.toy import TOY_LOG_DENSITIES, TOY_SAMPLERS, log_density, sample
