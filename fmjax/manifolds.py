@@ -307,14 +307,15 @@ class Manifold(abc.ABC):
         """
         check_key("key", key)
         try:
-            shape = tuple(operator.index(size) for size in shape)
+            sizes = tuple(operator.index(size) for size in shape)
         except TypeError:
-            shape = None
-        if not shape:
+            sizes = ()
+        if not sizes:
             raise TypeError(
                 "shape must be a non-empty tuple of ints [..., D] whose last entry is the ambient size D; "
                 f"got {describe(shape)}"
             )
+        shape = sizes
         if any(s < 0 for s in shape):
             raise ValueError(f"shape must hold sizes >= 0; got {shape}")
         self._check_size("shape", shape[-1], shape)
