@@ -1,11 +1,11 @@
 """fmjax: flow matching in JAX.
 
-Probability paths (``fmjax.paths``), minibatch couplings (``fmjax.couplings``), the pure CFM and
-[SF]²M losses (``fmjax.losses``), a jitted training step (``fmjax.training``), diffrax ODE and SDE
-sampling (``fmjax.sampling``, ``fmjax.sde``), classifier-free guidance (``fmjax.guidance``),
-log-likelihoods (``fmjax.likelihood``), metrics (``fmjax.metrics``), reflow (``fmjax.reflow``),
-checkpoints (``fmjax.checkpoint``), data (``fmjax.data``), Flax models (``fmjax.models``), training runs
-(``fmjax.runs``) and the ``fmjax`` command (``fmjax.cli``).
+Probability paths (``fmjax.paths``), manifolds (``fmjax.manifolds``), minibatch couplings
+(``fmjax.couplings``), the pure CFM and [SF]²M losses (``fmjax.losses``), a jitted training step
+(``fmjax.training``), diffrax ODE and SDE sampling (``fmjax.sampling``, ``fmjax.sde``), classifier-free
+guidance (``fmjax.guidance``), log-likelihoods (``fmjax.likelihood``), metrics (``fmjax.metrics``),
+reflow (``fmjax.reflow``), checkpoints (``fmjax.checkpoint``), data (``fmjax.data``), Flax models
+(``fmjax.models``), training runs (``fmjax.runs``) and the ``fmjax`` command (``fmjax.cli``).
 
 The names below and the submodules are imported on first use (``fmjax.sample`` imports
 ``fmjax.sampling`` and diffrax then; ``fmjax.paths`` imports the module), so ``import fmjax`` and the
@@ -52,6 +52,7 @@ _EXPORTS = {
     "digits_frechet_distance": "fmjax.digits_classifier",
     "AffinePath": "fmjax.paths",
     "CondOT": "fmjax.paths",
+    "Geodesic": "fmjax.paths",
     "Linear": "fmjax.paths",
     "PathSample": "fmjax.paths",
     "SchrodingerBridge": "fmjax.paths",

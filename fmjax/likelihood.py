@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import diffrax
 import jax
@@ -42,7 +42,7 @@ from fmjax._checks import (
     check_real,
     is_traced,
 )
-from fmjax.sampling import call_velocity, check_velocity, explain_failure, solve, solve_status
+from fmjax.sampling import call_velocity, check_velocity, explain_failure, on_manifold, solve, solve_status
 
 __all__ = [
     "LikelihoodResult",
@@ -87,7 +87,9 @@ def standard_normal_log_density(x: jax.Array) -> jax.Array:
     return -0.5 * jnp.sum(flat * flat, axis=1) - 0.5 * flat.shape[1] * math.log(2 * math.pi)
 
 
-def divergence_exact(velocity: Velocity, t: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+def divergence_exact(
+    velocity: Velocity, t: jax.Array, x: jax.Array, manifold: Any = None
+) -> tuple[jax.Array, jax.Array]:
     """(v_t(x), div v_t(x)) with the exact divergence, per sample.
 
     Each sample's field is linearised once (one primal pass) and pushed forward along the one-hot
@@ -121,26 +123,40 @@ def divergence_exact(velocity: Velocity, t: jax.Array, x: jax.Array) -> tuple[ja
 
 
 def divergence_hutchinson(
-    velocity: Velocity, t: jax.Array, x: jax.Array, probes: jax.Array
+    velocity: Velocity, t: jax.Array, x: jax.Array, probes: jax.Array, manifold: Any = None
 ) -> tuple[jax.Array, jax.Array]:
     """(v_t(x), estimates eps_k^T J eps_k) for probes of shape [num_probes, batch, *dims].
 
-    Returns the velocity and the per-probe estimates of shape [num_probes, batch].
+    Returns the velocity and the per-probe estimates of shape [num_probes, batch]. On a ``manifold``
+    the normal terms of ``divergence_exact`` are subtracted exactly from each estimate (ambient
+    probes estimate tr J; the estimates stay unbiased for the Riemannian divergence).
     """
     fn = lambda z: call_velocity(velocity, t, z)
     out, jvp_fn = jax.linearize(fn, x)
     products = jax.vmap(jvp_fn)(probes)
     estimates = jnp.sum((products * probes).reshape(probes.shape[0], x.shape[0], -1), axis=-1)
+    if manifold is not None:
+        estimates = estimates - _normal_terms(manifold, x, jvp_fn)[None]
     return out, estimates
 
 
+def _normal_terms(manifold: Any, x: jax.Array, jvp_fn: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """sum_j n*_j . (J n_j) per sample for points x [batch, D], J the Jacobian behind ``jvp_fn`` (a
+    batched Jacobian-vector product: tangents [batch, D] -> [batch, D])."""
+    normals, covectors = manifold.normals(x)  # [batch, k, D] each
+    total = jnp.zeros(x.shape[:1], x.dtype)
+    for j in range(normals.shape[-2]):
+        total = total + jnp.sum(covectors[:, j] * jvp_fn(normals[:, j]), axis=-1)
+    return total
+
+
 def _augmented_field(t, state, args):
-    velocity, probes = args
+    velocity, probes, manifold = args
     x = state[0]
     if probes is None:
-        v, div = divergence_exact(velocity, t, x)
+        v, div = divergence_exact(velocity, t, x, manifold)
         return v, div[None]
-    v, estimates = divergence_hutchinson(velocity, t, x, probes)
+    v, estimates = divergence_hutchinson(velocity, t, x, probes, manifold)
     return v, estimates
 
 
@@ -154,7 +170,7 @@ def log_likelihood(
     velocity: Velocity,
     x1: jax.Array,
     *,
-    log_p0: Callable[[jax.Array], jax.Array] = standard_normal_log_density,
+    log_p0: Callable[[jax.Array], jax.Array] | None = None,
     divergence: str = "exact",
     num_probes: int = 1,
     probe: str = "rademacher",
@@ -164,8 +180,15 @@ def log_likelihood(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     max_steps: int = 4096,
+    manifold: Any = None,
 ) -> LikelihoodResult:
     """log p1(x1) of the flow of ``velocity`` started from the density ``log_p0`` at t=0.
+
+    On a manifold M (``manifold``) densities are with respect to M's Riemannian volume and the
+    divergence is M's (Mathieu & Nickel 2020; Chen & Lipman 2024): the field is
+    ``TangentVelocity(velocity, M)``, evaluated at projx(x) and projected onto the tangent space, so
+    any ambient extension of a field on M (one the user never projected) gives the same, correct
+    value, and the divergence is div_M v = tr J - sum_j n*_j . (J n_j) over M's normals.
 
     Args:
       velocity: ``velocity(t, x) -> dx/dt``, t scalar, x of shape [batch, *dims]; samples must not
@@ -173,13 +196,16 @@ def log_likelihood(
         error names ``velocity``). ``fmjax.as_velocity`` adapts a model.
       x1: data points, shape [batch, *dims], batch >= 1, finite.
       log_p0: log density of the source, ``log_p0(x)`` of shape [batch] for x of shape
-        [batch, *dims] (default: standard normal); checked before the solve with ``jax.eval_shape``:
-        a per-dimension density of shape [batch, *dims] raises a ValueError naming ``log_p0``.
+        [batch, *dims] (default: standard normal; on a manifold ``manifold.base_log_prob``); checked
+        before the solve with ``jax.eval_shape``: a per-dimension density of shape [batch, *dims]
+        raises a ValueError naming ``log_p0``.
       divergence: "exact" or "hutchinson".
       num_probes: Hutchinson probes (>= 1), drawn once per solve and held fixed in t.
       probe: "rademacher" (entries +-1) or "gaussian".
       key: one PRNG key for the probes; required for "hutchinson", unused for "exact".
       solver, steps, rtol, atol, max_steps: as in ``fmjax.sample``.
+      manifold: an ``fmjax.manifolds`` manifold (None: Euclidean space); then x1 has shape [batch, D]
+        (points on M, projected onto it) and ``x0`` is returned on M.
 
     Returns:
       ``LikelihoodResult(log_p, x0, nfe, log_p_stderr, status)``.
@@ -197,6 +223,16 @@ def log_likelihood(
     check_batch("x1", x1)
     check_finite("x1", x1)
     check_choice("divergence", divergence, DIVERGENCES)
+    if manifold is not None:
+        if x1.ndim != 2:
+            raise ValueError(
+                f"x1 must have shape [batch, D] (points of the manifold) when manifold is given; got "
+                f"{x1.shape}"
+            )
+        velocity, x1 = on_manifold(velocity, x1, manifold, "x1")
+        manifold = velocity.manifold
+    if log_p0 is None:
+        log_p0 = standard_normal_log_density if manifold is None else manifold.base_log_prob
     _check_log_p0(log_p0, x1)
     probes = None
     if divergence == "hutchinson":
@@ -213,15 +249,17 @@ def log_likelihood(
     count = 1 if probes is None else num_probes
     state = (x1, jnp.zeros((count, x1.shape[0]), x1.dtype))
     options = dict(t0=1.0, t1=0.0, solver=solver, steps=steps, rtol=rtol, atol=atol, max_steps=max_steps)
-    solution, nfe = solve(_augmented_field, state, args=(velocity, probes), **options)
+    solution, nfe = solve(_augmented_field, state, args=(velocity, probes, manifold), **options)
     x0 = solution.ys[0][0]
+    if manifold is not None:
+        x0 = manifold.projx(x0)
     change = solution.ys[1][0]  # l(0) = -int_0^1 div dt, per probe: [count, batch]
     log_p_per_probe = log_p0(x0)[None, :] + change
     log_p = jnp.mean(log_p_per_probe, axis=0)
     status = solve_status(solution, log_p)
     if not is_traced(status):
         if int(status):
-            raise _explain(solution, x0, change, log_p0, state, velocity, probes, options)
+            raise _explain(solution, x0, change, log_p0, state, (velocity, probes, manifold), options)
     else:
         stopped = status == 2
         log_p, x0 = jnp.where(stopped, jnp.nan, log_p), jnp.where(stopped, jnp.nan, x0)
@@ -235,7 +273,7 @@ def log_likelihood(
     return LikelihoodResult(log_p=log_p, x0=x0, nfe=nfe, log_p_stderr=stderr, status=status)
 
 
-def _explain(solution, x0, change, log_p0, state, velocity, probes, options) -> Exception:
+def _explain(solution, x0, change, log_p0, state, args, options) -> Exception:
     """The exception for a non-finite log_p outside jit: log_p0's fault if the solve itself was fine."""
     solved = bool(diffrax.is_successful(solution.result))
     if solved and bool(jnp.all(jnp.isfinite(x0))) and bool(jnp.all(jnp.isfinite(change))):
@@ -247,7 +285,7 @@ def _explain(solution, x0, change, log_p0, state, velocity, probes, options) -> 
     return explain_failure(
         _augmented_field,
         state,
-        args=(velocity, probes),
+        args=args,
         names=("velocity", "the divergence of velocity"),
         caller="log_likelihood",
         **options,

@@ -39,6 +39,7 @@ __all__ = [
     "Trajectory",
     "SampleResult",
     "ModelVelocity",
+    "TangentVelocity",
     "as_velocity",
     "sample",
     "solve",
@@ -162,6 +163,48 @@ def as_velocity(apply_fn: Callable[..., jax.Array], params: Any, cond: Any = Non
     else:
         check_callable("apply_fn", apply_fn, ("params", "t", "x", "cond"))
     return ModelVelocity(apply_fn, params, cond)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["velocity"], meta_fields=["manifold"])
+@dataclasses.dataclass(frozen=True)
+class TangentVelocity:
+    """A field made tangent to a manifold M: ``velocity`` evaluated at projx(x), its output projected,
+
+        v_M(t, x) = proju(projx(x), v(t, projx(x))).
+
+    On M it is the tangent part of ``velocity``; off M (where a solver's stages land, within its
+    tolerance) it is the field at the nearest point of M. Any ambient extension of a field on M gives
+    the same ``v_M`` on M, hence the same flow and the same Riemannian divergence. ``sample`` and
+    ``log_likelihood`` wrap their ``velocity`` this way when given ``manifold``. A pytree over
+    ``velocity`` (a model's parameters stay leaves); per-sample conditions pass through
+    (``per_sample_cond``, ``with_cond``).
+    """
+
+    velocity: Any
+    manifold: Any
+
+    def __call__(self, t: jax.Array, x: jax.Array) -> jax.Array:
+        on = self.manifold.projx(x)
+        return self.manifold.proju(on, call_velocity(self.velocity, t, on))
+
+    def per_sample_cond(self) -> Any:
+        """The wrapped field's per-sample condition, or None."""
+        inner = getattr(self.velocity, "per_sample_cond", None)
+        return inner() if inner is not None else None
+
+    def with_cond(self, cond: Any) -> TangentVelocity:
+        """This field with the wrapped field's condition replaced (see ``ModelVelocity.with_cond``)."""
+        return dataclasses.replace(self, velocity=self.velocity.with_cond(cond))
+
+
+def on_manifold(velocity: Any, x: jax.Array, manifold: Any, name: str) -> tuple[TangentVelocity, jax.Array]:
+    """``velocity`` made tangent to ``manifold`` and the points ``x`` (argument ``name``) projected onto it;
+    the manifold is checked (an ``fmjax.manifolds.Manifold``) and so is x's last axis where it has a size."""
+    from fmjax.manifolds import resolve_manifold
+
+    manifold = resolve_manifold(manifold, "manifold")
+    manifold.check_points(name, x)
+    return TangentVelocity(velocity, manifold), manifold.projx(x)
 
 
 _VELOCITY_HINT = " (a model apply_fn(params, t, x)? wrap it: fmjax.as_velocity(apply_fn, params))"
@@ -397,6 +440,7 @@ def sample(
     save_trajectory: bool = False,
     trajectory_points: int = 101,
     max_steps: int = 4096,
+    manifold: Any = None,
 ) -> SampleResult:
     """Push ``x0`` through the flow of ``velocity`` from ``t0`` to ``t1``: x1 = x0 + int_t0^t1 v_t(x_t) dt.
 
@@ -413,6 +457,11 @@ def sample(
         fixed steps: at every grid point, steps + 1 of them).
       trajectory_points: number of saved times for adaptive solves (>= 2).
       max_steps: step budget of adaptive solves.
+      manifold: an ``fmjax.manifolds`` manifold M (None: Euclidean space). The field is then
+        ``TangentVelocity(velocity, M)`` (evaluated at projx(x), projected onto the tangent space), x0
+        is projected onto M, and x1 and the trajectory's states are projected back onto M, so they
+        lie on M to rounding whatever the solver (the ambient solve drifts off M by at most its
+        local error).
 
     Returns:
       ``SampleResult(x1, nfe, trajectory, status)``.
@@ -429,6 +478,8 @@ def sample(
     check_velocity(velocity)
     check_batch("x0", x0)
     check_finite("x0", x0)
+    if manifold is not None:
+        velocity, x0 = on_manifold(velocity, x0, manifold, "x0")
     t0, t1 = _check_interval(t0, t1)
     if steps is not None:
         steps = check_int("steps", steps, low=1)
@@ -452,5 +503,8 @@ def sample(
             )
     else:
         x1 = jnp.where(status == 2, jnp.nan, x1)
-    trajectory = Trajectory(ts=ts, xs=solution.ys) if save_trajectory else None
+    xs = solution.ys
+    if manifold is not None:
+        x1, xs = velocity.manifold.projx(x1), velocity.manifold.projx(xs)
+    trajectory = Trajectory(ts=ts, xs=xs) if save_trajectory else None
     return SampleResult(x1=x1, nfe=nfe, trajectory=trajectory, status=status)

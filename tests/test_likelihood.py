@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg
 import numpy as np
 import pytest
+from fmjax.manifolds import Sphere
 
 from fmjax.likelihood import bits_per_dim, divergence_exact, log_likelihood, standard_normal_log_density
 from fmjax.models import MLP, functional
@@ -160,3 +161,94 @@ def test_bits_per_dim_levels_set_the_default_scale():
         zero_velocity, images, key=jax.random.key(18), log_p0=log_uniform, num_levels=16, scale=2 / 16
     )
     np.testing.assert_array_equal(bpd, explicit)
+
+
+# --- on a manifold: the Riemannian divergence against densities known in closed form on S^2 ---------------
+
+NORTH = jnp.array([0.0, 0.0, 1.0])
+
+
+def _sphere_points(n, seed, max_polar=None):
+    """n points on S^2 (polar angles below ``max_polar`` if given), float64."""
+
+    x = Sphere().base_sample(jax.random.key(seed), (4 * n, 3)).astype(jnp.float64)
+    if max_polar is not None:
+        x = x[jnp.arccos(jnp.clip(x[:, 2], -1, 1)) < max_polar]
+    return x[:n]
+
+
+CONTRACTION = 0.8  # v = a P_x(e_z): dz/dt = a (1 - z^2), z = cos(polar angle)
+
+
+def _contraction_log_density(x1, a=CONTRACTION):
+    # z1 = tanh(a + artanh z0) from the uniform density 1/(4 pi): p1 = (1 - z0^2) / ((1 - z1^2) 4 pi)
+    z1 = x1[:, 2]
+    z0 = jnp.tanh(jnp.arctanh(z1) - a)
+    return jnp.log1p(-(z0**2)) - jnp.log1p(-(z1**2)) - jnp.log(4 * jnp.pi)
+
+
+# the field as a user might write it: tangent (projected by hand), or a naive ambient extension
+CONTRACTION_FIELDS = {
+    "tangent": lambda t, x: CONTRACTION * (NORTH - x[:, 2:3] * x),
+    "ambient": lambda t, x: CONTRACTION * jnp.broadcast_to(NORTH, x.shape),  # never projected
+    "radial-extension": lambda t, x: (
+        CONTRACTION * (NORTH - x[:, 2:3] * x) + 5.0 * x * jnp.sum(x * x, -1)[:, None]
+    ),
+}
+
+
+@pytest.mark.parametrize("field", sorted(CONTRACTION_FIELDS))
+def test_sphere_likelihood_of_a_contraction_toward_the_pole(field, x64):
+
+    x1 = _sphere_points(8, seed=0)
+    result = log_likelihood(
+        CONTRACTION_FIELDS[field], x1, manifold=Sphere(), rtol=1e-9, atol=1e-9
+    )  # log_p0 defaults to the uniform density of the sphere
+    np.testing.assert_allclose(result.log_p, _contraction_log_density(x1), atol=1e-4)
+    np.testing.assert_allclose(jnp.linalg.norm(result.x0, axis=-1), 1.0, atol=1e-6)
+
+
+def test_sphere_likelihood_of_the_geodesic_flow_toward_a_point(x64):
+    # x_T = exp_x0(T log_x0 n) from the uniform source: polar angles shrink by (1 - T), so
+    # p_T(x) = sin(theta / (1 - T)) / (4 pi (1 - T) sin theta); the flow on [0, 1] is time-rescaled to [0, T]
+
+    sphere, end = Sphere(), 0.5
+
+    def field(s, x):
+        return end * sphere.logmap(x, jnp.broadcast_to(NORTH, x.shape)) / (1 - end * s)
+
+    x1 = _sphere_points(8, seed=1, max_polar=0.45 * jnp.pi)
+    theta = jnp.arccos(x1[:, 2])
+    expected = jnp.log(jnp.sin(theta / (1 - end)) / (4 * jnp.pi * (1 - end) * jnp.sin(theta)))
+    result = log_likelihood(field, x1, manifold=sphere, log_p0=sphere.base_log_prob, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(result.log_p, expected, atol=1e-4)
+
+
+def test_sphere_hutchinson_is_within_its_standard_error(x64):
+
+    x1 = _sphere_points(16, seed=2)
+    result = log_likelihood(
+        CONTRACTION_FIELDS["ambient"], x1, manifold=Sphere(), divergence="hutchinson", num_probes=64,
+        key=jax.random.key(3), rtol=1e-7, atol=1e-7,
+    )  # fmt: skip
+    error = (result.log_p - _contraction_log_density(x1)) / result.log_p_stderr
+    assert float(jnp.max(jnp.abs(error))) < 4.5 and float(jnp.mean(result.log_p_stderr)) > 0
+
+
+@pytest.mark.parametrize("solver, steps", [("dopri5", None), ("euler", 7), ("heun", 5)])
+def test_samples_stay_on_the_sphere(solver, steps):
+
+    x0 = Sphere().base_sample(jax.random.key(0), (64, 3))
+    result = sample(CONTRACTION_FIELDS["ambient"], x0, manifold=Sphere(), solver=solver, steps=steps,
+                    save_trajectory=True)  # fmt: skip
+    np.testing.assert_allclose(jnp.linalg.norm(result.x1, axis=-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(jnp.linalg.norm(result.trajectory.xs, axis=-1), 1.0, atol=1e-5)
+    assert float(jnp.mean(result.x1[:, 2])) > float(jnp.mean(x0[:, 2])) + 0.3  # moved toward the pole
+
+
+def test_manifold_arguments_are_checked():
+
+    with pytest.raises(TypeError, match="manifold"):
+        sample(lambda t, x: x, jnp.ones((2, 3)), manifold="sphere")
+    with pytest.raises(ValueError, match=r"x1 must have shape \[batch, D\]"):
+        log_likelihood(lambda t, x: x, jnp.ones((2, 1, 3)), manifold=Sphere())

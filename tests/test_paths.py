@@ -6,10 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fmjax.manifolds import Euclidean, FlatTorus, Sphere
 
 from fmjax.paths import (
     PATHS,
     CondOT,
+    Geodesic,
     Linear,
     SchrodingerBridge,
     VariancePreserving,
@@ -210,3 +212,65 @@ def test_paths_are_hashable_static_pytrees():
     assert jax.tree_util.tree_leaves(CondOT(sigma_min=0.1)) == []
     assert hash(Linear(sigma=0.1)) == hash(Linear(sigma=0.1))
     assert make_path("sb", sigma=0.5) == SchrodingerBridge(sigma=0.5)
+
+
+# --- the geodesic path of a manifold ---------------------------------------------------------------------
+
+
+def _geodesic_cases():
+
+    key0, key1 = jax.random.split(jax.random.key(0))
+    sphere = Sphere()
+    return {
+        "euclidean": (Euclidean(), jax.random.normal(key0, (5, 3)), jax.random.normal(key1, (5, 3))),
+        "sphere": (sphere, sphere.base_sample(key0, (5, 3)), sphere.base_sample(key1, (5, 3))),
+        "torus": (
+            FlatTorus(),
+            jax.random.uniform(key0, (5, 2)) * 6.28,
+            jax.random.uniform(key1, (5, 2)) * 6.28,
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", ["euclidean", "sphere", "torus"])
+def test_geodesic_ends_speed_and_derivative(name):
+    manifold, x0, x1 = _geodesic_cases()[name]
+    path = Geodesic(manifold=manifold)
+    t = jnp.array([0.0, 0.2, 0.5, 0.7, 1.0])
+    s = path.sample(None, x0, x1, t)
+    np.testing.assert_allclose(s.xt[0], x0[0], atol=1e-5)  # t = 0
+    np.testing.assert_allclose(manifold.dist(s.xt[-1], x1[-1]), 0.0, atol=1e-4)  # t = 1
+    # constant speed |u_t|_g = d(x0, x1), and u_t tangent at x_t
+    np.testing.assert_allclose(manifold.norm(s.xt, s.ut), manifold.dist(x0, x1), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(manifold.proju(s.xt, s.ut), s.ut, atol=1e-5)
+    # u_t is d/dt x_t: a central difference of the path
+    h = 1e-3
+    tm = jnp.array([0.2, 0.3, 0.4, 0.5, 0.6])
+    ahead = path.sample(None, x0, x1, tm + h).xt
+    behind = path.sample(None, x0, x1, tm - h).xt
+    fd = manifold.logmap(behind, ahead) / (2 * h)
+    np.testing.assert_allclose(path.sample(None, x0, x1, tm).ut, fd, atol=2e-2)
+    assert not path.stochastic
+
+
+def test_geodesic_on_euclidean_space_is_the_straight_line():
+
+    _, x0, x1 = _geodesic_cases()["euclidean"]
+    t = jnp.linspace(0, 1, 5)
+    s, line = Geodesic(manifold=Euclidean()).sample(None, x0, x1, t), Linear().sample(None, x0, x1, t)
+    np.testing.assert_allclose(s.xt, line.xt, atol=1e-6)
+    np.testing.assert_allclose(s.ut, line.ut, atol=1e-6)
+
+
+def test_torus_geodesic_wraps_through_zero():
+
+    x0, x1 = jnp.full((3, 1), 0.1), jnp.full((3, 1), 2 * jnp.pi - 0.1)
+    s = Geodesic(manifold=FlatTorus()).sample(None, x0, x1, jnp.array([0.25, 0.5, 0.75]))
+    np.testing.assert_allclose(s.ut, -0.2, atol=1e-6)
+    np.testing.assert_allclose(jnp.cos(s.xt[:, 0]), jnp.cos(jnp.array([0.05, 0.0, -0.05])), atol=1e-6)
+
+
+def test_geodesic_takes_only_a_manifold():
+
+    with pytest.raises(TypeError, match="manifold"):
+        Geodesic(manifold="sphere")

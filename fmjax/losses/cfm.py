@@ -2,11 +2,14 @@
 
     loss_k = w(t_k) mean_d (f_theta(t_k, x_t[k], c_k)_d - y_k,d)^2,    L = mean_k loss_k
 
-The model may predict x1 or the source point instead of the velocity (``target``).
+The model may predict x1 or the source point instead of the velocity (``target``). On a manifold path
+(``fmjax.paths.Geodesic(M)``) the squared error is the manifold's metric of the tangent error,
+mean_d -> |proju(x_t, f_theta) - u_t|_g^2 / D (D the ambient size of a point).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -25,7 +28,7 @@ from fmjax.losses.common import (
     status_or_index,
     weigh_and_reduce,
 )
-from fmjax.paths import AffinePath, PathSample
+from fmjax.paths import AffinePath, Geodesic, Path, PathSample
 
 __all__ = ["TARGETS", "LossAux", "cfm_loss", "cfm_terms", "check_target"]
 
@@ -70,7 +73,7 @@ def cfm_loss(
     x1: jax.Array,
     *,
     cond: Any = None,
-    path: AffinePath | str,
+    path: Path | str,
     coupling: Coupling | str = independent(),
     time_sampler: Callable[..., jax.Array] | str = uniform,
     reduction: str = "mean",
@@ -103,7 +106,10 @@ def cfm_loss(
         x1 (the model sees ``cond[j]`` beside x1[j]). A ``by_label`` coupling takes x1's labels from
         it (``class_labels``: cond itself when it is an integer array [batch], else cond["label"]).
       path: a probability path, e.g. ``fmjax.paths.Linear(sigma=0.0)``, or a name of
-        ``fmjax.paths.PATHS`` (e.g. ``"condot"``), built with its defaults by ``make_path``.
+        ``fmjax.paths.PATHS`` (e.g. ``"condot"``), built with its defaults by ``make_path``. With a
+        ``Geodesic(manifold)`` path the model's output is projected onto the tangent space at x_t
+        (``manifold.proju``) and its error measured with the manifold's metric (``manifold.inner``),
+        divided by the ambient size of a point so that on ``Euclidean()`` it is the loss above.
       coupling: pairs the two batches (default: independent), or a name of
         ``fmjax.couplings.COUPLINGS`` built with its defaults by ``make_coupling`` (e.g. ``"exact"``).
       time_sampler: ``time_sampler(key, n, dtype) -> t`` of shape [n] in [0, 1] (default: uniform on
@@ -157,9 +163,14 @@ def cfm_loss(
     return cfm_terms(apply_fn, params, key, x0, x1, cond, options, null_cond, weight, target, reduction)
 
 
-def check_target(target: str, path: AffinePath) -> None:
-    """``target`` is one of ``TARGETS``; x1 and eps predictions need a deterministic path."""
+def check_target(target: str, path: Path) -> None:
+    """``target`` is one of ``TARGETS``; x1 and eps predictions need a deterministic affine path."""
     check_choice("target", target, TARGETS)
+    if target != "velocity" and not isinstance(path, AffinePath):
+        raise ValueError(
+            f"target={target!r} needs an affine path, whose conversions relate {target} and velocity "
+            f"predictions; {path!r} has none (use target='velocity')"
+        )
     if target != "velocity" and path.stochastic:
         raise ValueError(
             f"target={target!r} needs a deterministic path (no noise), whose conversions relate "
@@ -186,6 +197,8 @@ def cfm_terms(
     sample = path.sample(coupled.key_path, coupled.x0, coupled.x1, coupled.t)
     prediction, call = call_model(apply_fn, params, sample, cond)
     check_output(call, prediction, sample.xt.shape, "[batch, *dims], the shape of x")
+    if isinstance(path, Geodesic):
+        return _manifold_loss(path.manifold, prediction, sample, coupled, cond, weight, reduction)
     if target == "velocity":
         regressed, velocity = sample.ut, prediction
     elif target == "x1":
@@ -207,4 +220,20 @@ def cfm_terms(
         prediction=prediction,
         cond=cond,
     )
+    return loss, aux
+
+
+def _manifold_loss(manifold, prediction, sample, coupled, cond, weight, reduction) -> tuple[jax.Array, Any]:
+    """The CFM loss of a geodesic path: |proju(x_t, f) - u_t|_g^2 / D per sample (D ambient sizes)."""
+    velocity = manifold.proju(sample.xt, prediction)
+    error = velocity - sample.ut
+    size = math.prod(prediction.shape[1:])
+    squared = manifold.inner(sample.xt, error, error)
+    per_sample = jnp.sum(squared.reshape(squared.shape[0], -1), axis=1) / size
+    if reduction == "mean" and weight is None:
+        loss = jnp.mean(per_sample)
+    else:
+        loss = weigh_and_reduce(per_sample, sample.t, weight, reduction)
+    aux = LossAux(sample=sample, velocity=velocity, pairs=coupled.pairs, status=coupled.status,
+                  prediction=prediction, cond=cond)  # fmt: skip
     return loss, aux

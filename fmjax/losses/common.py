@@ -24,7 +24,7 @@ from fmjax._checks import (
 )
 from fmjax._time import resolve_time_sampler
 from fmjax.couplings import Coupling, check_cond, resolve_coupling
-from fmjax.paths import AffinePath, PathSample, resolve_path
+from fmjax.paths import Path, PathSample, resolve_path
 
 __all__ = ["ApplyFn", "REDUCTIONS", "class_labels", "drop_cond", "check_arguments", "couple", "Coupled"]
 
@@ -117,7 +117,7 @@ def check_null_cond(cond_dropout: float, null_cond: Any) -> None:
 class Options(NamedTuple):
     """A loss's checked options: the resolved path, coupling and time sampler, and the dropout rate."""
 
-    path: AffinePath
+    path: Path
     coupling: Coupling
     time_sampler: Callable[..., jax.Array]
     cond_dropout: float
@@ -162,14 +162,14 @@ def check_arguments(
     x1: jax.Array,
     *,
     cond: Any,
-    path: AffinePath | str,
+    path: Path | str,
     coupling: Coupling | str,
     time_sampler: Callable[..., jax.Array] | str,
     reduction: str,
     weight: Callable[[jax.Array], jax.Array] | None,
     cond_dropout: float,
     null_cond: Any,
-    check_path: Callable[[AffinePath], None],
+    check_path: Callable[[Path], None],
 ) -> Options:
     """Check the arguments of a loss (``check_path`` checks the resolved path for that loss), in the
     order its errors have always come, and return its options resolved."""

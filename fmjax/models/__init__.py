@@ -1,5 +1,6 @@
-"""Flax NNX velocity fields (MLP, UNet), the bridge to the ``apply_fn(params, t, x)`` contract, and
-mixed precision (bfloat16 activations, float32 parameters) for any such ``apply_fn``."""
+"""Flax NNX velocity fields (MLP, UNet; any network made tangent to a manifold: TangentField), the bridge
+to the ``apply_fn(params, t, x)`` contract, and mixed precision (bfloat16 activations, float32
+parameters) for any such ``apply_fn``."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from flax import nnx
 
 from fmjax.models.mlp import ACTIVATIONS, MLP
 from fmjax.models.precision import mixed_precision
+from fmjax.models.tangent import TangentField, embedded_size
 from fmjax.models.unet import UNet
 
-__all__ = ["MLP", "UNet", "ACTIVATIONS", "functional", "mixed_precision"]
+__all__ = ["MLP", "UNet", "TangentField", "embedded_size", "ACTIVATIONS", "functional", "mixed_precision"]
 
 
 def functional(model: nnx.Module) -> tuple[Callable[..., jax.Array], Any]:

@@ -18,8 +18,9 @@ from fmjax.couplings import Coupling, Sinkhorn, exact, independent, schrodinger_
 from fmjax.guidance import guided_velocity
 from fmjax.likelihood import log_likelihood
 from fmjax.losses import cfm_loss, drop_cond
-from fmjax.models import MLP, UNet, functional
-from fmjax.paths import CondOT, Linear, VariancePreserving
+from fmjax.manifolds import Euclidean, FlatTorus, Sphere
+from fmjax.models import MLP, TangentField, UNet, functional
+from fmjax.paths import CondOT, Geodesic, Linear, VariancePreserving
 from fmjax.runs.pipeline import HostPairs
 from fmjax.sampling import sample
 from fmjax.training import TrainState, make_train_step
@@ -494,3 +495,72 @@ def test_without_cond_the_loss_is_unchanged():
     s = path.sample(key_path, x0c, x1c, t)
     assert float(loss) == float(jnp.mean(jnp.square(apply_fn(params, s.t, s.xt) - s.ut)))
     assert aux.cond is None and aux.prediction is aux.velocity
+
+
+# --- on a manifold: the geodesic path, errors measured with the manifold's metric ---------------------------
+
+
+def test_geodesic_loss_on_euclidean_space_is_the_linear_loss():
+    apply_fn, params = functional(MLP(dim=3, width=8, depth=1))
+    key, x0, x1 = jax.random.key(0), jax.random.normal(jax.random.key(1), (16, 3)), jnp.ones((16, 3))
+    euclidean = cfm_loss(apply_fn, params, key, x0, x1, path=Geodesic(manifold=Euclidean()))[0]
+    linear = cfm_loss(apply_fn, params, key, x0, x1, path=Linear())[0]
+    np.testing.assert_allclose(euclidean, linear, rtol=1e-6)
+
+
+def test_sphere_loss_ignores_normal_outputs_and_measures_the_geodesic_speed():
+    sphere = Sphere()
+    x0 = sphere.base_sample(jax.random.key(0), (32, 3))
+    x1 = sphere.base_sample(jax.random.key(1), (32, 3))
+    path = Geodesic(manifold=sphere)
+    # a model predicting 0: each sample's error is |u_t|^2 / 3 = d(x0, x1)^2 / 3, at any t
+    zero = lambda params, t, x: params * x  # noqa: E731 (params = 0)
+    loss, aux = cfm_loss(zero, 0.0, jax.random.key(2), x0, x1, path=path, reduction="none")
+    np.testing.assert_allclose(loss, sphere.dist(x0, x1) ** 2 / 3, rtol=1e-4)
+    # a purely normal output (a multiple of x_t) is no error at all: it is projected away
+    normal_loss, aux = cfm_loss(zero, 5.0, jax.random.key(2), x0, x1, path=path, reduction="none")
+    np.testing.assert_allclose(normal_loss, loss, rtol=1e-5)
+    np.testing.assert_allclose(jnp.sum(aux.velocity * aux.sample.xt, axis=-1), 0.0, atol=1e-5)
+
+
+def test_torus_loss_uses_the_short_way_round():
+    x0, x1 = jnp.full((4, 1), 0.1), jnp.full((4, 1), 2 * jnp.pi - 0.1)
+    zero = lambda params, t, x: jnp.zeros_like(x)  # noqa: E731
+    loss = cfm_loss(zero, None, jax.random.key(0), x0, x1, path=Geodesic(manifold=FlatTorus()))[0]
+    np.testing.assert_allclose(loss, 0.2**2, rtol=1e-5)  # not (2 pi - 0.2)^2
+
+
+def test_manifold_paths_take_only_velocity_targets():
+    with pytest.raises(ValueError, match="target='x1' needs an affine path"):
+        cfm_loss(lambda p, t, x: x, None, jax.random.key(0), jnp.ones((2, 3)), jnp.ones((2, 3)),
+                 path=Geodesic(manifold=Sphere()), target="x1")  # fmt: skip
+
+
+def test_a_tangent_field_trains_on_the_sphere_toward_a_cap():
+    # CFM on S^2 from the uniform source to a cap around the north pole: the trained field carries
+    # uniform points into the cap (mean z from 0 to near the cap's)
+    sphere = Sphere()
+    apply_fn, params = functional(TangentField(MLP(dim=3, width=32, depth=2), sphere))
+    optimizer = optax.adam(3e-3)
+    opt_state = optimizer.init(params)
+
+    def target(key, n):
+        x = jax.random.normal(key, (n, 3)) * jnp.array([0.15, 0.15, 0.0]) + jnp.array([0.0, 0.0, 1.0])
+        return sphere.projx(x)
+
+    @jax.jit
+    def step(params, opt_state, key):
+        k0, k1, k2 = jax.random.split(key, 3)
+        x0, x1 = sphere.base_sample(k0, (128, 3)), target(k1, 128)
+        loss, grads = jax.value_and_grad(
+            lambda p: cfm_loss(apply_fn, p, k2, x0, x1, path=Geodesic(manifold=sphere))[0]
+        )(params)
+        updates, opt_state = optimizer.update(grads, opt_state)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    for k in range(300):
+        params, opt_state, loss = step(params, opt_state, jax.random.key(k))
+    x0 = sphere.base_sample(jax.random.key(10_000), (256, 3))
+    x1 = sample(fmjax.as_velocity(apply_fn, params), x0, manifold=sphere, solver="euler", steps=20).x1
+    np.testing.assert_allclose(jnp.linalg.norm(x1, axis=-1), 1.0, atol=1e-5)
+    assert float(jnp.mean(x1[:, 2])) > 0.85  # the cap's mean z is about 0.98

@@ -1,30 +1,8 @@
-"""Probability paths and their conditional vector fields.
-
-Every path here is affine in its end points plus optional Gaussian noise:
-
-    x_t = a_t x0 + b_t x1 + s_t eps,        eps ~ N(0, I)
-    u_t = d/dt x_t = a'_t x0 + b'_t x1 + s'_t eps
-
-with time running from the source x0 (often noise) at t=0 to the data x1 at t=1. A path is a frozen
-dataclass that only has to say what ``schedule(t) = (a_t, b_t, s_t)`` and its time derivative are;
-sampling and the conversions between velocity, x1-prediction and eps-prediction are derived.
-
-Paths carry no arrays: they are static pytrees, hashable, and can be closed over or passed to jitted
-functions freely.
-
->>> import jax, jax.numpy as jnp
->>> from fmjax.paths import CondOT
->>> path = CondOT(sigma_min=0.0)
->>> x0, x1 = jnp.zeros((4, 2)), jnp.ones((4, 2))
->>> s = path.sample(jax.random.key(0), x0, x1, jnp.full((4,), 0.25))
->>> s.xt[0].tolist(), s.ut[0].tolist()
-([0.25, 0.25], [1.0, 1.0])
-"""
+"""Affine probability paths: x_t = a_t x0 + b_t x1 + s_t eps."""
 
 from __future__ import annotations
 
 import abc
-import dataclasses
 import math
 from typing import Any, NamedTuple
 
@@ -35,15 +13,14 @@ from fmjax._checks import (
     ArgumentError,
     check_batch,
     check_key,
-    check_pair,
     check_real,
     check_unit_interval,
     describe,
     lookup,
 )
+from fmjax.paths._base import Path, PathSample, check_times, checked_times, expand, static_dataclass
 
 __all__ = [
-    "PathSample",
     "Schedule",
     "AffinePath",
     "CondOT",
@@ -61,24 +38,6 @@ __all__ = [
 _T_CLIP = 1e-5
 
 
-class PathSample(NamedTuple):
-    """A draw from a conditional probability path.
-
-    Attributes:
-      t: times, shape [batch].
-      x0: source points, shape [batch, *dims].
-      x1: target points, shape [batch, *dims].
-      xt: points on the path at time t, shape [batch, *dims].
-      ut: conditional velocity d/dt x_t at (t, xt), shape [batch, *dims].
-    """
-
-    t: jax.Array
-    x0: jax.Array
-    x1: jax.Array
-    xt: jax.Array
-    ut: jax.Array
-
-
 class Schedule(NamedTuple):
     """Coefficients of an affine path at times t: x_t = a x0 + b x1 + s eps (each shape of t)."""
 
@@ -87,24 +46,7 @@ class Schedule(NamedTuple):
     s: jax.Array
 
 
-def _check_times(t, shapes: str) -> jax.Array:
-    """``t`` as an array after checking it is real (ints or floats); ``shapes`` says which shapes fit."""
-    if not hasattr(t, "shape") and not isinstance(t, int | float):
-        raise TypeError(f"t must be a real array of shape {shapes}; got {type(t).__name__}")
-    t = jnp.asarray(t)
-    if t.dtype == jnp.bool_ or not (
-        jnp.issubdtype(t.dtype, jnp.floating) or jnp.issubdtype(t.dtype, jnp.integer)
-    ):
-        raise TypeError(f"t must be a real array of shape {shapes}; got dtype {t.dtype}")
-    return t
-
-
-def _expand(t: jax.Array, x: jax.Array) -> jax.Array:
-    """Reshape per-sample t of shape [batch] to broadcast against x of shape [batch, *dims]."""
-    return t.reshape(t.shape + (1,) * (x.ndim - 1))
-
-
-class AffinePath(abc.ABC):
+class AffinePath(Path):
     """Base class of paths x_t = a_t x0 + b_t x1 + s_t eps.
 
     Subclasses implement ``schedule(t)``; ``schedule_derivative(t)`` defaults to forward-mode
@@ -146,16 +88,11 @@ class AffinePath(abc.ABC):
         Returns ``(PathSample, eps)``, eps of x0's shape and dtype (the same draw from ``key`` as
         ``sample`` makes), or None for a deterministic path. Score matching regresses on eps.
         """
-        check_pair(x0, x1)
-        t = _check_times(t, "[batch]")
-        if t.shape != x0.shape[:1]:
-            raise ValueError(f"t must have shape [batch] = {x0.shape[:1]}; got {t.shape}")
-        check_unit_interval("t", t)
-        t = t.astype(x0.dtype)
+        t = checked_times(x0, x1, t)
         coef = self.schedule(t)
         dcoef = self.schedule_derivative(t)
-        a, b = _expand(coef.a, x0), _expand(coef.b, x0)
-        da, db = _expand(dcoef.a, x0), _expand(dcoef.b, x0)
+        a, b = expand(coef.a, x0), expand(coef.b, x0)
+        da, db = expand(dcoef.a, x0), expand(dcoef.b, x0)
         xt = a * x0 + b * x1
         ut = da * x0 + db * x1
         eps = None
@@ -164,8 +101,8 @@ class AffinePath(abc.ABC):
                 raise ValueError(f"key is required: {type(self).__name__} draws noise eps")
             check_key("key", key)
             eps = jax.random.normal(key, x0.shape, x0.dtype)
-            xt = xt + _expand(coef.s, x0) * eps
-            ut = ut + _expand(dcoef.s, x0) * eps
+            xt = xt + expand(coef.s, x0) * eps
+            ut = ut + expand(dcoef.s, x0) * eps
         return PathSample(t=t, x0=x0, x1=x1, xt=xt, ut=ut), eps
 
     def score(self, t: jax.Array, xt: jax.Array, x0: jax.Array, x1: jax.Array) -> jax.Array:
@@ -202,15 +139,15 @@ class AffinePath(abc.ABC):
             if not hasattr(value, "shape") or tuple(value.shape) != tuple(xt.shape):
                 got = value.shape if hasattr(value, "shape") else type(value).__name__
                 raise ValueError(f"{name} must have the shape of xt, {xt.shape}; got {got}")
-        t = _check_times(t, f"() or [batch] = {xt.shape[:1]}")
+        t = check_times(t, f"() or [batch] = {xt.shape[:1]}")
         if t.shape not in ((), xt.shape[:1]):
             raise ValueError(f"t must be a scalar or have shape [batch] = {xt.shape[:1]}; got {t.shape}")
         check_unit_interval("t", t)
         t = jnp.broadcast_to(t.astype(xt.dtype), xt.shape[:1])
         coef = self.schedule(t)
         variance = jnp.square(self.schedule(jnp.clip(t, _T_CLIP, 1 - _T_CLIP)).s)
-        mean = _expand(coef.a, xt) * x0 + _expand(coef.b, xt) * x1
-        return -(xt - mean) / _expand(variance, xt)
+        mean = expand(coef.a, xt) * x0 + expand(coef.b, xt) * x1
+        return -(xt - mean) / expand(variance, xt)
 
     # Conversions between parametrisations, for deterministic paths (s_t = 0), where
     # xt = a x0 + b x1 and v = a' x0 + b' x1 determine x0 and x1 given any two of (xt, v, x0, x1).
@@ -222,7 +159,7 @@ class AffinePath(abc.ABC):
                 "x1/eps predictions; use a deterministic path (sigma=0)"
             )
         check_batch("xt", x)
-        t = _check_times(t, f"() or [batch] = {x.shape[:1]}")
+        t = check_times(t, f"() or [batch] = {x.shape[:1]}")
         if t.shape not in ((), x.shape[:1]):
             raise ValueError(f"t must be a scalar or have shape [batch] = {x.shape[:1]}; got {t.shape}")
         for name, value in predictions.items():
@@ -231,7 +168,7 @@ class AffinePath(abc.ABC):
                 raise ValueError(f"{name} must have the shape of xt, {x.shape}; got {got}")
         t = jnp.broadcast_to(t.astype(x.dtype), x.shape[:1])
         coef, dcoef = self.schedule(t), self.schedule_derivative(t)
-        return (_expand(c, x) for c in (coef.a, coef.b, dcoef.a, dcoef.b))
+        return (expand(c, x) for c in (coef.a, coef.b, dcoef.a, dcoef.b))
 
     def velocity_from_x1(self, t: jax.Array, xt: jax.Array, x1_pred: jax.Array) -> jax.Array:
         """Velocity implied by a prediction of x1 at (t, xt): v = a' x0 + b' x1, x0 = (xt - b x1)/a."""
@@ -264,14 +201,7 @@ class AffinePath(abc.ABC):
         return (xt - b * x1_pred) / a
 
 
-def _static_dataclass(cls):
-    """A frozen, keyword-only dataclass registered as a pytree without leaves (all fields static)."""
-    cls = dataclasses.dataclass(frozen=True, kw_only=True)(cls)
-    jax.tree_util.register_static(cls)
-    return cls
-
-
-@_static_dataclass
+@static_dataclass
 class CondOT(AffinePath):
     """Lipman et al.'s conditional OT path with minimum noise level ``sigma_min``.
 
@@ -299,7 +229,7 @@ class CondOT(AffinePath):
         return Schedule(a=jnp.full_like(t, -(1 - self.sigma_min)), b=jnp.ones_like(t), s=zero)
 
 
-@_static_dataclass
+@static_dataclass
 class Linear(AffinePath):
     """I-CFM / rectified-flow path with constant Gaussian noise ``sigma`` (Tong et al.).
 
@@ -322,7 +252,7 @@ class Linear(AffinePath):
         return Schedule(a=-jnp.ones_like(t), b=jnp.ones_like(t), s=jnp.zeros_like(t))
 
 
-@_static_dataclass
+@static_dataclass
 class SchrodingerBridge(AffinePath):
     """Brownian-bridge path of SB-CFM (Tong et al.) with diffusion scale ``sigma``.
 
@@ -369,12 +299,12 @@ class SchrodingerBridge(AffinePath):
         """
         if not self.stochastic:
             raise ValueError("score_weight needs sigma > 0: lambda(t) = 2 sigma_t / sigma^2")
-        t = _check_times(t, "() or [batch]")
+        t = check_times(t, "() or [batch]")
         check_unit_interval("t", t)
         return 2 * self.schedule(t.astype(jnp.result_type(t, float))).s / (self.sigma * self.sigma)
 
 
-@_static_dataclass
+@static_dataclass
 class VariancePreserving(AffinePath):
     """Trigonometric variance-preserving interpolant (Albergo & Vanden-Eijnden).
 
@@ -393,7 +323,7 @@ class VariancePreserving(AffinePath):
         return Schedule(a=-half_pi * jnp.sin(angle), b=half_pi * jnp.cos(angle), s=jnp.zeros_like(t))
 
 
-@_static_dataclass
+@static_dataclass
 class VPDiffusion(AffinePath):
     """Lipman et al.'s conditional path for the variance-preserving diffusion (time reversed so t=1 is data).
 
@@ -467,18 +397,18 @@ def make_path(name: str, *, sigma: float | None = None) -> AffinePath:
     return cls(**{field: check_real("sigma", sigma, low=0.0)})
 
 
-def resolve_path(path: Any, name: str = "path") -> AffinePath:
-    """An ``AffinePath`` from a path or a name in ``PATHS`` (e.g. "condot").
+def resolve_path(path: Any, name: str = "path") -> Path:
+    """A path (an ``AffinePath``, a ``Geodesic``) from a path or a name in ``PATHS`` (e.g. "condot").
 
     A name builds the path with its defaults (``make_path(name)``). A path class instead of an
     instance, or anything else, raises a TypeError naming ``name`` and how to build one.
     """
     if isinstance(path, str):
         return make_path(path)
-    if isinstance(path, AffinePath):
+    if isinstance(path, Path):
         return path
     names = ", ".join(map(repr, sorted(PATHS)))
-    if isinstance(path, type) and issubclass(path, AffinePath):
+    if isinstance(path, type) and issubclass(path, Path):
         raise TypeError(f"{name} must be a path, not a path class: call it, e.g. {path.__name__}()")
     raise TypeError(
         f"{name} must be an fmjax path (e.g. fmjax.Linear(), fmjax.CondOT(sigma_min=1e-4)) or one of "
