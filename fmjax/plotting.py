@@ -1,4 +1,5 @@
-"""Matplotlib figures of runs: samples against the target, trajectories, the loss curve."""
+"""Matplotlib figures of runs: samples against the target, trajectories, the loss curve, densities and
+points on the sphere as longitude/latitude maps."""
 
 from __future__ import annotations
 
@@ -12,7 +13,15 @@ import numpy as np  # noqa: E402
 
 from fmjax.sampling import Trajectory  # noqa: E402
 
-__all__ = ["samples", "samples_by_class", "trajectories", "loss_curve", "image_grid"]
+__all__ = [
+    "samples",
+    "samples_by_class",
+    "trajectories",
+    "loss_curve",
+    "image_grid",
+    "lat_lon",
+    "sphere_density",
+]
 
 
 def samples(filename: str, generated: np.ndarray, target: np.ndarray, *, title: str = "") -> None:
@@ -122,6 +131,52 @@ def image_grid(filename: str, images: np.ndarray, *, title: str = "") -> None:
             image = images[k]
             ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=255)
     fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(filename, dpi=120)
+    plt.close(fig)
+
+
+def lat_lon(points: np.ndarray) -> np.ndarray:
+    """Latitude and longitude in degrees, [n, 2], of unit vectors [n, 3] (x = cos lat cos lon,
+    y = cos lat sin lon, z = sin lat)."""
+    points = np.asarray(points, np.float64)
+    lat = np.degrees(np.arcsin(np.clip(points[:, 2], -1.0, 1.0)))
+    lon = np.degrees(np.arctan2(points[:, 1], points[:, 0]))
+    return np.stack([lat, lon], axis=1)
+
+
+def sphere_density(
+    filename: str,
+    points: np.ndarray,
+    *,
+    density: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    generated: np.ndarray | None = None,
+    title: str = "",
+) -> None:
+    """Points on S^2 as longitude/latitude maps (equirectangular), saved as PNG: ``points`` [n, 3] (unit
+    vectors, e.g. test points) over a learned density ``(lat, lon, log_density)`` (degrees; log_density
+    [len(lat), len(lon)]) when given, and ``generated`` points [m, 3] beside them in a panel of their own
+    when given."""
+    panels = [name for name, value in (("density", density), ("generated", generated)) if value is not None]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(7.5 * max(len(panels), 1), 4))
+    axes = np.atleast_1d(axes)
+    shown = lat_lon(points)
+    for ax, panel in zip(axes, panels or ["points"], strict=True):
+        if panel == "density":
+            lat, lon, log_density = density
+            image = ax.pcolormesh(lon, lat, log_density, shading="auto", cmap="viridis")
+            fig.colorbar(image, ax=ax, label="log density (nats, area measure)")
+            ax.set_title("learned density and data (red)", fontsize=9)
+        elif panel == "generated":
+            drawn = lat_lon(generated)
+            ax.scatter(drawn[:, 1], drawn[:, 0], s=2, alpha=0.5)
+            ax.set_title("generated points (blue) and data (red)", fontsize=9)
+        ax.scatter(shown[:, 1], shown[:, 0], s=2, c="red", alpha=0.5)
+        ax.set_xlim(-180, 180)
+        ax.set_ylim(-90, 90)
+        ax.set_xlabel("longitude")
+        ax.set_ylabel("latitude")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(filename, dpi=120)
     plt.close(fig)

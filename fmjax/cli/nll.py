@@ -1,8 +1,9 @@
-"""``fmjax nll``: the negative log-likelihood of fresh target points (2D) or test images (bits/dim) under
-a trained run, appended to its metrics."""
+"""``fmjax nll``: the negative log-likelihood of fresh target points (2D), test points (sphere runs, nats
+w.r.t. the sphere's area) or test images (bits/dim) under a trained run, appended to its metrics."""
 
 from __future__ import annotations
 
+import math
 import os
 
 from fmjax import runs
@@ -10,6 +11,7 @@ from fmjax._checks import check_choice, check_int
 from fmjax.cli.common import HelpFormat, UsageError, load, say
 from fmjax.likelihood import DIVERGENCES, PROBES
 from fmjax.runs.tasks.images import image_bits_per_dim
+from fmjax.runs.tasks.sphere import sphere_nll
 from fmjax.sampling import SOLVERS
 
 # the library's arguments are named as the options (see cli.common.parser_naming)
@@ -47,9 +49,9 @@ def run(args, interrupts) -> int:
         raise UsageError(f"--solver must be adaptive ({adaptive}); got {args.solver!r}")
     run_ = load(args.run_dir)
     _check_options(args)
-    what = "images" if run_.config.kind == "images" else "target points"
+    what = {"images": "images", "toy": "target points", "sphere": "test points"}[run_.config.kind]
     say(f"integrating the log-likelihood of {args.n} {what} ({args.divergence} divergence, {args.solver})")
-    nll_kind = {"images": _images, "toy": _points}[run_.config.kind]
+    nll_kind = {"images": _images, "toy": _points, "sphere": _sphere}[run_.config.kind]
     result, message = nll_kind(run_, args)
     return _report(args.run_dir, result, message)
 
@@ -65,6 +67,20 @@ def _images(run, args) -> tuple[dict, str]:
         f"bits/dim = {result['bits_per_dim']:.4f} +- {result['bits_per_dim_stderr']:.4f} on "
         f"{result['n']} {run.config.dataset} test images; {result['divergence']} divergence, "
         "uniform dequantisation"
+    )
+    return result, message
+
+
+def _sphere(run, args) -> tuple[dict, str]:
+    params = run.state.ema_params if run.config.eval_ema else run.state.params
+    result = sphere_nll(
+        run.config, run.apply_fn, params, split="test", n=args.n, divergence=args.divergence,
+        num_probes=args.num_probes, probe=args.probe, seed=args.seed, solver=args.solver,
+    )  # fmt: skip
+    message = (
+        f"NLL = {result['nll']:.4f} +- {result['nll_stderr']:.4f} nats (area measure; uniform "
+        f"{math.log(4 * math.pi):.4f}) on {result['n']} {run.config.dataset} test points; "
+        f"{result['divergence']} divergence, NFE = {result['nfe']}"
     )
     return result, message
 

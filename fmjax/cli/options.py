@@ -7,12 +7,13 @@ import argparse
 import dataclasses
 from typing import Any
 
+from fmjax.data.earth import DATASETS as EARTH_DATASETS
 from fmjax.data.tfds_sources import DATASETS
-from fmjax.runs.config import IMAGES, TOY, RunConfig
+from fmjax.runs.config import IMAGES, SPHERE, TOY, RunConfig
 
-__all__ = ["add_config_options", "config_from_args", "foreign_flags", "int_list"]
+__all__ = ["add_config_options", "config_from_args", "foreign_flags", "runs_of", "int_list"]
 
-_KIND_WORDS = {TOY: "2D runs", IMAGES: "image runs"}
+_KIND_WORDS = {TOY: "2D runs", IMAGES: "image runs", SPHERE: "sphere runs"}
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -36,27 +37,31 @@ def _default_text(name: str, kinds: tuple[str, ...]) -> str:
     """The default of field ``name`` for the runs it applies to, as the help says it."""
     toy = RunConfig.defaults()[name]
     images = {dataset: RunConfig.defaults(dataset)[name] for dataset in DATASETS}
+    sphere = RunConfig.defaults(EARTH_DATASETS[0])[name]  # the same for every Earth dataset
     same_images = len({repr(v) for v in images.values()}) == 1
     image_text = (
         _shown(next(iter(images.values())))
         if same_images
         else "; ".join(f"{dataset} {_shown(value)}" for dataset, value in images.items())
     )
-    if kinds == (TOY,):
-        return f"default {_shown(toy)}"
+    sphere_text = (
+        f", {_shown(sphere)} for sphere runs" if SPHERE in kinds and repr(sphere) != repr(toy) else ""
+    )
+    if IMAGES not in kinds:
+        return f"default {_shown(toy)}{sphere_text}"
     if kinds == (IMAGES,):
         return f"default {image_text}" if same_images else f"default: {image_text}"
     if same_images and repr(toy) == repr(next(iter(images.values()))):
-        return f"default {_shown(toy)}"
-    return f"default {_shown(toy)} for 2D runs, {image_text} for image runs"
+        return f"default {_shown(toy)}{sphere_text}"
+    return f"default {_shown(toy)} for 2D runs, {image_text} for image runs{sphere_text}"
 
 
 def _help(field: dataclasses.Field) -> str:
     metadata = field.metadata
     kinds = metadata["kinds"]
     text = metadata["help"]
-    if len(kinds) == 1:
-        text = f"{_KIND_WORDS[kinds[0]]}: {text}"
+    if len(kinds) < len(_KIND_WORDS):
+        text = f"{' and '.join(_KIND_WORDS[kind] for kind in kinds)}: {text}"
     if metadata["choices"] is not None:
         text += f"; one of {', '.join(metadata['choices'])}"
     if metadata["shown_default"] is not None:
@@ -95,9 +100,18 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def foreign_flags(given: dict[str, Any]) -> list[str]:
-    """The flags among ``given`` fields that an image run has no use for (the 2D runs' MLP and
-    samplers); an image field in a 2D run is refused by ``RunConfig`` itself."""
-    if given.get("dataset") is None:
+    """The flags among ``given`` fields that an image or sphere run has no use for (an image run: the 2D
+    runs' MLP and samplers; a sphere run: the samplers); an image field in a 2D or sphere run is refused
+    by ``RunConfig`` itself."""
+    dataset = given.get("dataset")
+    if dataset is None:
         return []
+    kind = SPHERE if dataset in EARTH_DATASETS else IMAGES
     fields = {field.name: field for field in _config_fields()}
-    return [RunConfig.flag(name) for name in given if IMAGES not in fields[name].metadata["kinds"]]
+    return [RunConfig.flag(name) for name in given if kind not in fields[name].metadata["kinds"]]
+
+
+def runs_of(flag: str) -> str:
+    """The runs a flag applies to, in words: ``"2D runs"``, ``"image runs"``, ``"2D and sphere runs"``."""
+    field = next(f for f in _config_fields() if RunConfig.flag(f.name) == flag)
+    return " and ".join(_KIND_WORDS[kind] for kind in field.metadata["kinds"])

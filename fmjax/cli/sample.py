@@ -1,4 +1,5 @@
-"""``fmjax sample``: draw samples of a trained run into a PNG and report their NFE (and W2 in 2D)."""
+"""``fmjax sample``: draw samples of a trained run into a PNG (a longitude/latitude map for sphere runs) and
+report their NFE (and W2 in 2D)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import os
 from fmjax import plotting, runs
 from fmjax._checks import check_choice, check_int
 from fmjax.cli.common import HelpFormat, UsageError, load, say, warn
+from fmjax.data import earth
 from fmjax.data.toy import sample as toy_sample
 from fmjax.metrics import wasserstein2
 from fmjax.runs.tasks.images import generate_images
+from fmjax.runs.tasks.sphere import generate_points
 from fmjax.sampling import SOLVERS
 
 ALIASES = {"class": "--class"}  # the library's name of the option --class sets (args.label)
@@ -89,7 +92,7 @@ def run(args, interrupts) -> int:
     what = f"{args.solver}"
     if config.conditional:
         what += f", guidance {args.guidance:g}" + ("" if args.label is None else f", class {args.label}")
-    sample_kind = {"images": _images, "toy": _points}[config.kind]
+    sample_kind = {"images": _images, "toy": _points, "sphere": _sphere}[config.kind]
     return sample_kind(run_, args, out, what)
 
 
@@ -110,6 +113,17 @@ def _images(run, args, out: str, what: str) -> int:
     plotting.image_grid(out, images, title=f"{what}: NFE = {nfe}{rows}")
     print(f"wrote {out}")
     print(f"NFE = {nfe} ({args.n} images, {what})")
+    return 0
+
+
+def _sphere(run, args, out: str, what: str) -> int:
+    say(f"sampling {args.n} points on the sphere ({what})")
+    options = {key: value for key, value in _options(args).items() if key != "guidance"}
+    points, nfe = generate_points(run, **options)
+    data = earth.load(run.config.dataset, split="test", seed=run.config.seed)
+    plotting.sphere_density(out, data, generated=points, title=f"{run.config.dataset}: {what}, NFE = {nfe}")
+    print(f"wrote {out}")
+    print(f"NFE = {nfe} ({args.n} points, {what})")
     return 0
 
 

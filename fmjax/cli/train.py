@@ -15,7 +15,8 @@ from typing import Any
 from fmjax import runs
 from fmjax._checks import message_of
 from fmjax.cli.common import HelpFormat, UsageError, interrupted, say, warn
-from fmjax.cli.options import add_config_options, config_from_args, foreign_flags
+from fmjax.cli.options import add_config_options, config_from_args, foreign_flags, runs_of
+from fmjax.data.earth import DATASETS as EARTH_DATASETS
 from fmjax.runs import RunConfig
 from fmjax.tensorboard import WandbLogger
 
@@ -97,9 +98,15 @@ def _config(args):
     given = config_from_args(args)
     foreign = foreign_flags(given)
     if foreign:
-        raise UsageError(
-            f"{', '.join(foreign)}: for 2D runs only; an image run (--dataset) trains a UNet from noise"
-        )
+        flags = ", ".join(foreign)
+        if given["dataset"] in EARTH_DATASETS:
+            why = (
+                f"a sphere run (--dataset {given['dataset']}) trains an MLP from the uniform distribution on "
+                "the sphere to the dataset's points"
+            )
+        else:
+            why = "an image run (--dataset) trains a UNet from noise"
+        raise UsageError(f"{flags}: for {runs_of(foreign[0])} only; {why}")
     return RunConfig(**given)
 
 
@@ -266,6 +273,13 @@ def _current_summary(run_dir: str, steps: int) -> dict | None:
 
 
 def _print_summary(config, summary: dict[str, Any], run_dir: str) -> None:
+    if config.kind == "sphere":
+        print(
+            f"test NLL = {summary['test_nll']:.4f} +- {summary['test_nll_stderr']:.4f} nats on "
+            f"{summary['n_test']} {config.dataset} test points (validation {summary['val_nll']:.4f}; uniform "
+            f"{summary['uniform_nll']:.4f}); exact divergence, {summary['solver']}, NFE = {summary['nfe']}"
+        )
+        return
     if config.dataset is not None:
         print(
             f"samples: {os.path.join(run_dir, 'samples.png')} (NFE = {summary['nfe']}); "

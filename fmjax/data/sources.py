@@ -13,7 +13,9 @@ A source splits a global batch into the part the host must provide and the part 
 
 ``ToySource`` draws both batches on the device from the key (no host data); ``ImageSource`` reads the
 images of the step from a tfds data source (the epoch's permutation from (seed, epoch), the step's
-contiguous slice of it) and dequantises them on the device, with Gaussian noise as the source.
+contiguous slice of it) and dequantises them on the device, with Gaussian noise as the source;
+``PointSource`` reads the step's points of a fixed array (an Earth dataset on the sphere) the same way,
+with the source drawn on the device from a base distribution (the sphere's uniform one).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from fmjax._errors import ArgumentError
 from fmjax.data.toy import sample as toy_sample
 from fmjax.data.toy import sample_labeled
 
-__all__ = ["ToySource", "ImageSource", "EpochBatches", "dequantise"]
+__all__ = ["ToySource", "ImageSource", "PointSource", "EpochBatches", "dequantise"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -199,3 +201,44 @@ class ImageSource(EpochBatches):
             raise ValueError("pair_cond needs the labels: build the ImageSource with labels=True")
         x0, x1 = self.pair(key, host)
         return x0, x1, host["label"]
+
+
+class PointSource(EpochBatches):
+    """The points of an array [N, D] as the target, in epochs of fresh permutations (``EpochBatches``);
+    the source batch drawn on the device by ``base_sample(key, (batch_size, D))`` (e.g. a manifold's
+    ``base_sample``). ``host_batch`` gives this process's rows ``{"x1": float32 [batch_size / P, D]}``.
+    """
+
+    def __init__(
+        self,
+        points: np.ndarray,
+        *,
+        base_sample: Any,
+        batch_size: int,
+        seed: int,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
+        check_int("batch_size", batch_size, low=1)
+        self.points = np.asarray(points, np.float32)
+        if self.points.ndim != 2:
+            raise ValueError(f"points must have shape [N, D]; got {self.points.shape}")
+        size = len(self.points)
+        super().__init__(
+            size, batch_size=batch_size, seed=seed, process_index=process_index, process_count=process_count,
+            what=f"the training points ({size})",
+        )  # fmt: skip
+        self.base_sample = base_sample
+
+    def host_batch(self, step: int) -> dict[str, np.ndarray]:
+        """This process's points of ``step``, shape [batch_size / process_count, D]."""
+        return {"x1": self.points[self.indices(step)]}
+
+    def host_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """Global shape and dtype of each host array of one step."""
+        return {"x1": ((self.batch_size, self.points.shape[1]), np.float32)}
+
+    def pair(self, key: jax.Array, host: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """``(x0 ~ base, the step's points)``, each [batch_size, D] float32."""
+        x1 = host["x1"]
+        return self.base_sample(key, x1.shape).astype(x1.dtype), x1

@@ -1,6 +1,7 @@
 """``RunConfig``: every hyperparameter of a training run, the one source of ``fmjax train``'s options.
 
-Each field carries its help text, the kinds of run it applies to (2D ``toy`` runs, ``images`` runs)
+Each field carries its help text, the kinds of run it applies to (2D ``toy`` runs, ``images`` runs,
+``sphere`` runs on the Earth datasets)
 and, for fields whose default depends on the kind of run, nothing else: ``RunConfig.defaults(dataset)``
 resolves every default for a kind in one place, and the CLI's help prints what it returns. Adding an
 option is adding a field here with ``option(...)``; ``fmjax.cli`` builds its flag from the field.
@@ -22,10 +23,12 @@ import optax
 from fmjax._checks import ArgumentError, ArgumentTypeError, check_choice, check_int, check_real
 from fmjax._time import TIME_SAMPLERS
 from fmjax.couplings import COUPLINGS, SCOPES, Coupling, independent, make_coupling
+from fmjax.data.earth import DATASETS as EARTH_DATASETS
 from fmjax.data.tfds_sources import DATASETS
 from fmjax.data.toy import TOY_NUM_CLASSES, TOY_SAMPLERS
+from fmjax.manifolds import Sphere
 from fmjax.models import ACTIVATIONS
-from fmjax.paths import PATHS, SIGMA_FIELDS, AffinePath, make_path
+from fmjax.paths import PATHS, SIGMA_FIELDS, Geodesic, Path, make_path
 from fmjax.sampling import SOLVERS
 from fmjax.training import make_train_step
 
@@ -33,6 +36,8 @@ __all__ = [
     "RunConfig",
     "option",
     "KINDS",
+    "PATH_NAMES",
+    "GEODESIC",
     "IMAGE_DEFAULTS",
     "DATASET_CHANNEL_MULTS",
     "DATASET_NUM_CLASSES",
@@ -40,9 +45,13 @@ __all__ = [
     "DEFAULT_SIGMA_IMAGES",
 ]
 
-TOY, IMAGES = "toy", "images"
-KINDS = (TOY, IMAGES)
-"""The kinds of run: 2D toy data (an MLP between two samplers) and images (a UNet from noise)."""
+TOY, IMAGES, SPHERE = "toy", "images", "sphere"
+KINDS = (TOY, IMAGES, SPHERE)
+"""The kinds of run: 2D toy data (an MLP between two samplers), images (a UNet from noise) and points on
+the sphere S^2 (a tangent MLP from the uniform distribution to an Earth dataset, ``fmjax.data.earth``)."""
+GEODESIC = "geodesic"
+PATH_NAMES = (*PATHS, GEODESIC)
+"""The paths a run takes by name: ``PATHS`` (2D and image runs) and the sphere's geodesic (sphere runs)."""
 
 DEFAULT_SIGMA = 0.1
 DEFAULT_SIGMA_IMAGES = 1e-4
@@ -64,6 +73,7 @@ IMAGE_DEFAULTS: dict[str, Any] = {
     "hflip": False,
 }
 TOY_FIELDS = ("source", "target", "depth", "activation")
+MLP_FIELDS = ("depth", "activation")  # 2D and sphere runs train an MLP
 EULER_STEPS = (1, 2, 4, 8)
 """The few Euler steps every evaluation measures its distance to the target after."""
 
@@ -141,11 +151,12 @@ class RunConfig:
     target: str | None = option("moons", "the target distribution", kinds=(TOY,), choices=TOY_SAMPLERS)
     dataset: str | None = option(
         None,
-        "train a UNet from Gaussian noise to these images (digits is offline)",
-        choices=DATASETS,
+        "train a UNet from Gaussian noise to these images (digits is offline), or a field on the sphere "
+        "from the uniform distribution to these Earth events (shipped)",
+        choices=(*DATASETS, *EARTH_DATASETS),
         shown_default="none: a 2D run",
     )
-    path: str | None = option(None, "the probability path", choices=PATHS)
+    path: str | None = option(None, "the probability path (geodesic: sphere runs)", choices=PATH_NAMES)
     sigma: float | None = option(
         None, "the path's noise: sigma_min of condot, sigma of linear and sb (the others have none)"
     )
@@ -161,8 +172,8 @@ class RunConfig:
     steps: int = option(20_000, "optimiser steps")
     batch_size: int = option(256, "the global batch (split over the devices)")
     width: int = option(64, "the MLP's hidden width; an image run's UNet base channels")
-    depth: int | None = option(3, "the MLP's hidden layers", kinds=(TOY,))
-    activation: str | None = option("selu", "the MLP's activation", kinds=(TOY,), choices=ACTIVATIONS)
+    depth: int | None = option(3, "the MLP's hidden layers", kinds=(TOY, SPHERE))
+    activation: str | None = option("selu", "the MLP's activation", kinds=(TOY, SPHERE), choices=ACTIVATIONS)
     learning_rate: float = option(1e-3, "AdamW's learning rate")
     weight_decay: float = option(1e-5, "AdamW's weight decay (0: Adam)")
     warmup_steps: int = option(0, "linear warm-up of the learning rate from 0 over this many steps (0: none)")
@@ -249,6 +260,11 @@ class RunConfig:
         if dataset is None:
             values["path"] = path or "linear"
             sigma = DEFAULT_SIGMA
+        elif dataset in EARTH_DATASETS:
+            values.update({name: None for name in ("source", "target")})
+            values.update({name: None for name in IMAGE_DEFAULTS})
+            values["path"] = path or GEODESIC
+            sigma = None
         else:
             values.update({name: None for name in TOY_FIELDS})
             values.update(IMAGE_DEFAULTS, channel_mults=DATASET_CHANNEL_MULTS.get(dataset))
@@ -265,26 +281,29 @@ class RunConfig:
 
     def __post_init__(self):
         if self.dataset is not None:
-            check_choice("dataset", self.dataset, DATASETS)
-        else:
+            check_choice("dataset", self.dataset, (*DATASETS, *EARTH_DATASETS))
+        if self.kind != IMAGES:
             for name in IMAGE_DEFAULTS:
                 if getattr(self, name) is not None:
                     value = getattr(self, name)
                     raise ArgumentError(
                         lambda n, name=name, value=value: (
-                            f"{n(name)} is for image runs only (it needs a "
-                            f"{n('dataset')}; a 2D run trains an MLP); got {value!r}"
+                            f"{n(name)} is for image runs only (it needs an image {n('dataset')}; 2D and "
+                            f"sphere runs train an MLP); got {value!r}"
                         )
                     )
         defaults = self.defaults(self.dataset, path=self.path)
-        for name in (*IMAGE_DEFAULTS, "path") if self.dataset is not None else ("path",):
+        for name in (*IMAGE_DEFAULTS, "path") if self.kind == IMAGES else ("path",):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, defaults[name])
-        if self.dataset is not None:
+        if self.kind == IMAGES:
             # the 2D fields mean nothing to an image run (noise -> images, a UNet): not recorded
             for name in TOY_FIELDS:
                 object.__setattr__(self, name, None)
             self._check_image_fields()
+        elif self.kind == SPHERE:  # the source is the sphere's uniform distribution, the target the dataset
+            for name in ("source", "target"):
+                object.__setattr__(self, name, None)
         self._check()
         if self.sigma is None:
             object.__setattr__(self, "sigma", defaults["sigma"])
@@ -311,15 +330,13 @@ class RunConfig:
     def _check(self) -> None:
         """Check every field (an image run's UNet fields are checked by ``_check_image_fields``)."""
         check_choice("time_sampler", self.time_sampler, TIME_SAMPLERS)
-        if self.dataset is None:
-            for name, registry in (
-                ("source", TOY_SAMPLERS),
-                ("target", TOY_SAMPLERS),
-                ("activation", ACTIVATIONS),
-            ):
-                check_choice(name, getattr(self, name), registry)
+        if self.kind == TOY:
+            for name in ("source", "target"):
+                check_choice(name, getattr(self, name), TOY_SAMPLERS)
+        if self.kind != IMAGES:
+            check_choice("activation", self.activation, ACTIVATIONS)
+        self._check_path()
         for name, registry in (
-            ("path", PATHS),
             ("coupling", COUPLINGS),
             ("coupling_scope", SCOPES),
             ("eval_solver", SOLVERS),
@@ -332,7 +349,7 @@ class RunConfig:
             raise ArgumentError(
                 lambda n: f"{n('eval_solver')} must be adaptive ({adaptive}); got {self.eval_solver!r}"
             )
-        positive = ("steps", "batch_size", "width", *(("depth",) if self.dataset is None else ()))
+        positive = ("steps", "batch_size", "width", *(("depth",) if self.kind != IMAGES else ()))
         for name in (*positive, "eval_samples", "log_every", "checkpoint_every", "keep_checkpoints"):
             check_int(name, getattr(self, name), low=1)
         check_int("seed", self.seed, low=0)
@@ -352,8 +369,34 @@ class RunConfig:
         check_real("ema_decay", self.ema_decay, low=0.0, high=1.0, high_inclusive=False)
         self._check_sigma()
 
+    def _check_path(self) -> None:
+        """A sphere run takes the geodesic path; the other runs one of ``PATHS``."""
+        if self.kind == SPHERE:
+            if self.path != GEODESIC:
+                raise ArgumentError(
+                    lambda n: (
+                        f"{n('path')} must be {GEODESIC!r} for a sphere run (dataset {self.dataset!r}: "
+                        f"points on S^2); got {self.path!r}"
+                    )
+                )
+        elif self.path == GEODESIC:
+            raise ArgumentError(
+                lambda n: (
+                    f"{n('path')} {GEODESIC!r} is for sphere runs ({n('dataset')} one of "
+                    f"{', '.join(EARTH_DATASETS)}); paths of this run: {', '.join(PATHS)}"
+                )
+            )
+        else:
+            check_choice("path", self.path, PATHS)
+
     def _check_conditions(self) -> None:
         """The options of conditional and reflow runs, which exclude each other in places."""
+        if self.conditional and self.kind == SPHERE:
+            raise ArgumentError(
+                lambda n: (
+                    f"{n('conditional')} needs class labels; the Earth datasets ({self.dataset!r}) have none"
+                )
+            )
         if self.conditional and self.dataset is None and self.target not in TOY_NUM_CLASSES:
             labelled = ", ".join(TOY_NUM_CLASSES)
             raise ArgumentError(
@@ -416,8 +459,11 @@ class RunConfig:
 
     @property
     def kind(self) -> str:
-        """The kind of run: ``"toy"`` (2D samplers and an MLP) or ``"images"`` (a dataset and a UNet)."""
-        return TOY if self.dataset is None else IMAGES
+        """The kind of run: ``"toy"`` (2D samplers and an MLP), ``"images"`` (a dataset and a UNet) or
+        ``"sphere"`` (an Earth dataset and a tangent MLP on S^2)."""
+        if self.dataset is None:
+            return TOY
+        return SPHERE if self.dataset in EARTH_DATASETS else IMAGES
 
     @property
     def num_classes(self) -> int | None:
@@ -445,8 +491,15 @@ class RunConfig:
             )
         return notes
 
-    def make_path(self) -> AffinePath:
-        """The probability path (``path`` with ``sigma``, checked when the configuration was built)."""
+    def manifold(self) -> Sphere | None:
+        """The manifold the run's points live on: ``Sphere()`` for a sphere run, else None (R^d)."""
+        return Sphere() if self.kind == SPHERE else None
+
+    def make_path(self) -> Path:
+        """The probability path (``path`` with ``sigma``, checked when the configuration was built); a
+        sphere run's is ``Geodesic(Sphere())``."""
+        if self.path == GEODESIC:
+            return Geodesic(manifold=Sphere())
         return make_path(self.path, sigma=self.sigma)
 
     def make_optimizer(self) -> optax.GradientTransformation:
@@ -476,7 +529,8 @@ class RunConfig:
         return optimizer
 
     def make_coupling(self) -> Coupling:
-        """The coupling; SB-CFM's entropic coupling takes the path's sigma.
+        """The coupling; SB-CFM's entropic coupling takes the path's sigma; a sphere run's OT couplings
+        (exact, sinkhorn) take the squared geodesic distance as their cost.
 
         ``coupling_scope`` matters only on several devices: "global" (the default) couples the whole
         global batch, so a run of several processes trains what one process trains; "local" couples each
@@ -485,6 +539,8 @@ class RunConfig:
         """
         scope = "local" if self.coupling == "independent" else self.coupling_scope
         options = {"by_label": True} if self.by_label else {}
+        if self.kind == SPHERE and self.coupling in ("exact", "sinkhorn"):
+            options["manifold"] = Sphere()  # the squared geodesic distance as the cost
         if self.coupling == "sb":
             return make_coupling("sb", sigma=self.sigma, scope=scope, **options)
         return make_coupling(self.coupling, scope=scope, **options)

@@ -1,8 +1,9 @@
 """What differs between the kinds of run, picked by name from the configuration (``RunConfig.kind``).
 
 A task says what a run of its kind trains and how it is judged; the training loop, checkpoints,
-devices and the run directory are the same for every kind. A new kind of run (points on a sphere,
-token sequences) is a new module here with a class of the ``Task`` protocol, registered in ``TASKS``.
+devices and the run directory are the same for every kind. A new kind of run (token sequences) is a new
+module here with a class of the ``Task`` protocol, registered in ``TASKS``, as ``sphere`` (points of an
+Earth dataset on S^2) was.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from fmjax.data.pairs import PairSource
 from fmjax.runs.config import RunConfig
 from fmjax.runs.rundir import pairs_path
 from fmjax.runs.tasks.images import ImageTask
+from fmjax.runs.tasks.sphere import SphereTask
 from fmjax.runs.tasks.toy import ToyTask
 
 __all__ = ["Task", "TASKS", "task_of", "make_source"]
@@ -47,7 +49,7 @@ class Task(Protocol):
         """Judge the trained run; write ``summary.json`` (and plots), append it to the metrics, return it."""
 
 
-TASKS: dict[str, Task] = {"toy": ToyTask(), "images": ImageTask()}
+TASKS: dict[str, Task] = {"toy": ToyTask(), "images": ImageTask(), "sphere": SphereTask()}
 """The kinds of run by name (``RunConfig.kind``)."""
 
 
