@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from fmjax.data.earth import to_lat_lon  # noqa: E402
 from fmjax.sampling import Trajectory  # noqa: E402
 
 __all__ = [
@@ -19,7 +20,6 @@ __all__ = [
     "trajectories",
     "loss_curve",
     "image_grid",
-    "lat_lon",
     "sphere_density",
 ]
 
@@ -136,15 +136,6 @@ def image_grid(filename: str, images: np.ndarray, *, title: str = "") -> None:
     plt.close(fig)
 
 
-def lat_lon(points: np.ndarray) -> np.ndarray:
-    """Latitude and longitude in degrees, [n, 2], of unit vectors [n, 3] (x = cos lat cos lon,
-    y = cos lat sin lon, z = sin lat)."""
-    points = np.asarray(points, np.float64)
-    lat = np.degrees(np.arcsin(np.clip(points[:, 2], -1.0, 1.0)))
-    lon = np.degrees(np.arctan2(points[:, 1], points[:, 0]))
-    return np.stack([lat, lon], axis=1)
-
-
 def sphere_density(
     filename: str,
     points: np.ndarray,
@@ -160,7 +151,7 @@ def sphere_density(
     panels = [name for name, value in (("density", density), ("generated", generated)) if value is not None]
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(7.5 * max(len(panels), 1), 4))
     axes = np.atleast_1d(axes)
-    shown = lat_lon(points)
+    shown = to_lat_lon(np.asarray(points))
     for ax, panel in zip(axes, panels or ["points"], strict=True):
         if panel == "density":
             lat, lon, log_density = density
@@ -168,7 +159,7 @@ def sphere_density(
             fig.colorbar(image, ax=ax, label="log density (nats, area measure)")
             ax.set_title("learned density and data (red)", fontsize=9)
         elif panel == "generated":
-            drawn = lat_lon(generated)
+            drawn = to_lat_lon(np.asarray(generated))
             ax.scatter(drawn[:, 1], drawn[:, 0], s=2, alpha=0.5)
             ax.set_title("generated points (blue) and data (red)", fontsize=9)
         ax.scatter(shown[:, 1], shown[:, 0], s=2, c="red", alpha=0.5)
