@@ -129,9 +129,11 @@ def write_markdown(path: str, summary: dict, args, couplings: list[str]) -> None
         cells = []
         for d in names:
             row = summary.get(coupling, {}).get(d)
-            cells.append(
-                "" if row is None else f"**{row['mean']:.2f} +- {row['std']:.2f}** (n={len(row['test_nll'])})"
-            )
+            if row is None:
+                cells.append("")
+                continue
+            spread = "n/a" if row["std"] is None else f"{row['std']:.2f}"
+            cells.append(f"**{row['mean']:.2f} +- {spread}** (n={len(row['test_nll'])})")
         lines.append(f"| fmjax, {label} | " + " | ".join(cells) + " |")
     lines += ["", "Wall time per run (training, checkpoint selection and test NLL), seconds:", ""]
     for coupling in couplings:
