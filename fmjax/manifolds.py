@@ -166,6 +166,11 @@ class Manifold(abc.ABC):
                 f"got shape {shape}"
             )
 
+    def check_points(self, name: str, x: Any) -> None:
+        """Raise a TypeError/ValueError naming ``name`` unless ``x`` is a floating array whose last axis
+        this manifold accepts (``dim`` where fixed, at least ``min_dim``)."""
+        self._check(**{name: x})
+
     def _check(self, **arrays: Any) -> list[jax.Array]:
         """The named arrays as jax arrays, after checking they are floating, have a last axis of a size
         this manifold accepts, and agree on it."""
@@ -712,6 +717,10 @@ class Product(Manifold):
         for factor in self.factors:
             ends.append(ends[-1] + factor.dim)
         return [slice(a, b) for a, b in zip(ends[:-1], ends[1:], strict=True)]
+
+    def split(self, x: jax.Array) -> list[jax.Array]:
+        """Each factor's coordinates of ``x`` [..., D], in factor order."""
+        return [x[..., part] for part in self._slices()]
 
     def _map(self, method: str, *arrays: jax.Array) -> list[jax.Array]:
         """Each factor's ``method`` on its slice of ``arrays``."""

@@ -31,6 +31,7 @@ from fmjax._checks import (
     is_traced,
     lookup,
 )
+from fmjax.manifolds import resolve_manifold
 
 __all__ = [
     "SOLVERS",
@@ -200,8 +201,6 @@ class TangentVelocity:
 def on_manifold(velocity: Any, x: jax.Array, manifold: Any, name: str) -> tuple[TangentVelocity, jax.Array]:
     """``velocity`` made tangent to ``manifold`` and the points ``x`` (argument ``name``) projected onto it;
     the manifold is checked (an ``fmjax.manifolds.Manifold``) and so is x's last axis where it has a size."""
-    from fmjax.manifolds import resolve_manifold
-
     manifold = resolve_manifold(manifold, "manifold")
     manifold.check_points(name, x)
     return TangentVelocity(velocity, manifold), manifold.projx(x)

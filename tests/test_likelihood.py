@@ -249,6 +249,6 @@ def test_samples_stay_on_the_sphere(solver, steps):
 def test_manifold_arguments_are_checked():
 
     with pytest.raises(TypeError, match="manifold"):
-        sample(lambda t, x: x, jnp.ones((2, 3)), manifold="sphere")
+        sample(lambda t, x: x, jnp.ones((2, 3)), manifold=3)
     with pytest.raises(ValueError, match=r"x1 must have shape \[batch, D\]"):
         log_likelihood(lambda t, x: x, jnp.ones((2, 1, 3)), manifold=Sphere())

@@ -10,7 +10,7 @@ NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("*.
 
 
 def test_the_notebooks_exist():
-    assert [p.stem for p in NOTEBOOKS] == ["00_quickstart", "01_couplings", "02_likelihood", "03_conditional"]
+    assert [p.stem for p in NOTEBOOKS] == ["00_quickstart", "01_couplings", "02_likelihood", "03_conditional", "04_manifolds"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -21,7 +21,7 @@ def test_notebook_is_stored_without_outputs(path):
             assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: strip outputs"
 
 
-# the quickstart in the default run, the other three (15-30 s each) with -m slow
+# the quickstart in the default run, the others (15-30 s each) with -m slow
 @pytest.mark.parametrize(
     "path",
     [p if p.stem == "00_quickstart" else pytest.param(p, marks=pytest.mark.slow) for p in NOTEBOOKS],
@@ -47,3 +47,8 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
         line = next(line for line in text.splitlines() if line.startswith("max |log p - closed form|"))
         assert float(line.split("=")[1].split()[0]) < 1e-3
         assert "[8. 8. 8. 8.]" in text
+    if path.stem == "04_manifolds":
+        # the closed-form density on S^2 (a contraction toward the pole), the sphere and torus kept exactly
+        line = next(line for line in text.splitlines() if line.startswith("max |log p - closed form|"))
+        assert float(line.split("=")[1].split()[0]) < 1e-3
+        assert "u_t = -0.200" in text and "all angles in [0, 2 pi): True" in text

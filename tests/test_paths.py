@@ -273,4 +273,4 @@ def test_torus_geodesic_wraps_through_zero():
 def test_geodesic_takes_only_a_manifold():
 
     with pytest.raises(TypeError, match="manifold"):
-        Geodesic(manifold="sphere")
+        Geodesic(manifold=3)

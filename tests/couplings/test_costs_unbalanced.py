@@ -1,6 +1,5 @@
 """Couplings with other costs (a function, a manifold's geodesic distance) and unbalanced marginals."""
 
-import dataclasses
 import itertools
 import math
 
@@ -19,6 +18,7 @@ from fmjax.couplings import (
     schrodinger_bridge,
     sinkhorn,
 )
+from fmjax.manifolds import Sphere
 
 KEY = jax.random.key(0)
 
@@ -32,14 +32,6 @@ def product(x, y):
     """x.y: sum_i x_i y_(j_i) is least when the largest x meets the smallest y (rearrangement
     inequality), so in 1D the optimal assignment is anti-monotone."""
     return x @ y.T
-
-
-@dataclasses.dataclass(frozen=True)
-class UnitSphere:
-    """The unit sphere's great-circle distance, acting on the last axis (fmjax's manifold contract)."""
-
-    def dist(self, x, y):
-        return jnp.arccos(jnp.clip(jnp.sum(x * y, axis=-1), -1.0, 1.0))
 
 
 def _on_sphere(key, n, dims=3):
@@ -183,7 +175,7 @@ def test_sinkhorn_by_label_with_a_cost_pairs_within_classes():
 
 
 def test_exact_on_the_sphere_minimises_the_squared_great_circle_distances():
-    sphere = UnitSphere()
+    sphere = Sphere()
     x0, x1 = _on_sphere(jax.random.key(6), 5), _on_sphere(jax.random.key(7), 5)
     cost = np.arccos(np.clip(np.asarray(x0, np.float64) @ np.asarray(x1, np.float64).T, -1, 1)) ** 2
     best = min(itertools.permutations(range(5)), key=lambda p: cost[np.arange(5), list(p)].sum())
@@ -232,7 +224,7 @@ BAD_ARGUMENTS = {
     ),
     "cost-unhashable": (lambda: sinkhorn(cost=_Unhashable()), TypeError, "cost must be hashable"),
     "both": (
-        lambda: exact(cost=squared_euclidean, manifold=UnitSphere()),
+        lambda: exact(cost=squared_euclidean, manifold=Sphere()),
         ValueError,
         "give either cost or manifold, not both",
     ),
@@ -286,7 +278,7 @@ def test_a_manifold_whose_distance_has_the_wrong_shape_is_named():
 def test_make_coupling_passes_cost_manifold_and_tau_through():
     assert make_coupling("sinkhorn", tau_a=0.9, tau_b=0.8) == sinkhorn(tau_a=0.9, tau_b=0.8)
     assert make_coupling("exact", cost=product).cost is product
-    assert make_coupling("sb", sigma=0.5, manifold=UnitSphere()).manifold == UnitSphere()
+    assert make_coupling("sb", sigma=0.5, manifold=Sphere()).manifold == Sphere()
     assert sinkhorn().balanced and not sinkhorn(tau_b=0.99).balanced
 
 

@@ -52,4 +52,4 @@ def test_bad_arguments_are_named():
     with pytest.raises(TypeError, match="model must be a Flax NNX module"):
         TangentField(lambda t, x: x, Sphere())
     with pytest.raises(TypeError, match="manifold must be an fmjax manifold"):
-        TangentField(MLP(dim=3), "sphere")
+        TangentField(MLP(dim=3), 3)
