@@ -161,9 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--couplings", nargs="+", default=["exact", "independent"], choices=["exact", "independent"]
     )
-    parser.add_argument("--steps", type=int, default=20_000)
+    parser.add_argument("--steps", type=int, default=10_000)
     parser.add_argument("--eval-every", type=int, default=2_000)
-    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
