@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -70,6 +70,7 @@ def reflow_pairs(
     batch_size: int | None = None,
     mesh: Mesh | None = None,
     max_steps: int = 4096,
+    manifold: Any = None,
 ) -> ReflowPairs:
     """Solve dx/dt = v_t(x) from each source point: the pairs (x0[k], x1[k] = phi_1(x0[k])).
 
@@ -94,6 +95,7 @@ def reflow_pairs(
       batch_size: points per solve (None: all n).
       mesh: a mesh with a "data" axis over this process's devices (None: all local devices when there
         are several, else no sharding).
+      manifold: the manifold the points live on (``fmjax.sample``'s ``manifold``: x1 stays on it).
 
     Returns:
       ``ReflowPairs(x0, x1, nfe)``, host arrays.
@@ -125,7 +127,14 @@ def reflow_pairs(
         chunk = rows[np.arange(padded) % len(rows)]  # padding rows repeat the chunk's own
         placed = jax.device_put(chunk, sharding)
         result = sample(
-            velocity, placed, solver=solver, steps=steps, rtol=rtol, atol=atol, max_steps=max_steps
+            velocity,
+            placed,
+            solver=solver,
+            steps=steps,
+            rtol=rtol,
+            atol=atol,
+            max_steps=max_steps,
+            manifold=manifold,
         )
         if pending is not None:  # the previous chunk is fetched while this one runs
             collect(pending)

@@ -44,7 +44,8 @@ def prepare_reflow(
     stream (by default 20 000 for a 2D teacher, 4 096 for an image run),
     and stores the pairs as ``run_dir/pairs.npz`` with their provenance. The student's configuration
     is the teacher's with the straight path without noise (``linear``, sigma 0: rectified flow's
-    interpolation of deterministic pairs), the independent coupling (which keeps the pairing) and
+    interpolation of deterministic pairs; a sphere run's geodesic path, the same on S^2), the independent
+    coupling (which keeps the pairing) and
     ``pairs`` set, then ``overrides`` (e.g. ``{"steps": 5000}``). Returns it and the state to start
     from: None (``init="scratch"``, the configuration's own initialisation) or the teacher's
     parameters with a fresh optimiser (``init="teacher"``); pass both to ``train``.
@@ -66,10 +67,11 @@ def prepare_reflow(
     if pairs is None:
         pairs = task.default_reflow_pairs
     n = check_int("pairs", pairs, low=1)
+    sphere = tconfig.manifold() is not None
     fields = {
         **tconfig.to_json(),
-        "path": "linear",
-        "sigma": 0.0,
+        "path": "geodesic" if sphere else "linear",
+        "sigma": None if sphere else 0.0,
         "coupling": "independent",
         "pairs": PAIRS_FILE,
         **(overrides or {}),
@@ -109,7 +111,12 @@ def prepare_reflow(
         say(f"solving the teacher's flow ({solver}) from {n} source points for the reflow pairs")
         start = time.perf_counter()
         solved = reflow_pairs(
-            as_velocity(teacher.apply_fn, params), x0, solver=solver, steps=solver_steps, batch_size=4096
+            as_velocity(teacher.apply_fn, params),
+            x0,
+            solver=solver,
+            steps=solver_steps,
+            batch_size=4096,
+            manifold=tconfig.manifold(),
         )
         seconds = time.perf_counter() - start
         os.makedirs(run_dir, exist_ok=True)

@@ -10,9 +10,10 @@ import pytest
 from fmjax.cli import main
 from fmjax.couplings import Exact
 from fmjax.data import earth
+from fmjax.data.pairs import load_pairs
 from fmjax.manifolds import Sphere
 from fmjax.paths import Geodesic
-from fmjax.runs import RunConfig, load_run
+from fmjax.runs import RunConfig, load_run, prepare_reflow, train
 from fmjax.runs.tasks.sphere import UNIFORM_NLL, density_grid, sphere_nll
 
 VOLCANO = [
@@ -52,6 +53,17 @@ def test_nll_and_sample_commands_work_on_a_sphere_run(volcano_run, capsys):
     assert record["n"] == 20 and record["split"] == "test" and "nats" in capsys.readouterr().out
     assert main(["sample", str(volcano_run), "--n", "64", "--solver", "euler", "--steps", "10"]) == 0
     assert (volcano_run / "samples-euler-64.png").is_file()
+
+
+def test_a_sphere_run_reflows_on_the_sphere(volcano_run, tmp_path):
+    # the teacher's flow solved on S^2 (pairs on the sphere), the student on the geodesic path between them
+    config, initial = prepare_reflow(volcano_run, tmp_path / "reflow", pairs=128, solver="euler",
+                                     solver_steps=8, overrides={"steps": 20, "batch_size": 64})  # fmt: skip
+    assert config.path == "geodesic" and config.sigma is None and config.coupling == "independent"
+    x0, x1, _ = load_pairs(tmp_path / "reflow" / "pairs.npz")
+    np.testing.assert_allclose(np.linalg.norm(x0, axis=-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(x1, axis=-1), 1.0, atol=1e-5)
+    assert int(train(config, tmp_path / "reflow", initial_state=initial).state.step) == 20
 
 
 def test_the_density_grid_integrates_to_one(volcano_run):
