@@ -13,7 +13,7 @@ CLI says ``--batch-size``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -28,7 +28,30 @@ from fmjax.data.tfds_sources import DATASETS
 from fmjax.data.toy import TOY_NUM_CLASSES, TOY_SAMPLERS
 from fmjax.manifolds import Sphere
 from fmjax.models import ACTIVATIONS
-from fmjax.paths import PATHS, SIGMA_FIELDS, Geodesic, Path, make_path
+from fmjax.paths import SIGMA_FIELDS, Geodesic, Path, make_path
+from fmjax.runs.options import (
+    DATASET_CHANNEL_MULTS,
+    DATASET_NUM_CLASSES,
+    DEFAULT_SIGMA,
+    DEFAULT_SIGMA_IMAGES,
+    EULER_STEPS,  # noqa: F401  (re-exported: the tasks import it from here)
+    GEODESIC,
+    IMAGE_DEFAULTS,
+    IMAGES,
+    KINDS,
+    LABEL_AWARE_COUPLINGS,  # noqa: F401  (re-exported)
+    MLP_FIELDS,  # noqa: F401  (re-exported)
+    NONFINITE_POLICIES,
+    PATH_NAMES,
+    PRECISIONS,
+    SPHERE,
+    TOY,
+    TOY_FIELDS,
+    check_conditions,
+    check_path,
+    check_sigma,
+    option,
+)
 from fmjax.sampling import SOLVERS
 from fmjax.training import make_train_step
 
@@ -44,72 +67,6 @@ __all__ = [
     "DEFAULT_SIGMA",
     "DEFAULT_SIGMA_IMAGES",
 ]
-
-TOY, IMAGES, SPHERE = "toy", "images", "sphere"
-KINDS = (TOY, IMAGES, SPHERE)
-"""The kinds of run: 2D toy data (an MLP between two samplers), images (a UNet from noise) and points on
-the sphere S^2 (a tangent MLP from the uniform distribution to an Earth dataset, ``fmjax.data.earth``)."""
-GEODESIC = "geodesic"
-PATH_NAMES = (*PATHS, GEODESIC)
-"""The paths a run takes by name: ``PATHS`` (2D and image runs) and the sphere's geodesic (sphere runs)."""
-
-DEFAULT_SIGMA = 0.1
-DEFAULT_SIGMA_IMAGES = 1e-4
-NONFINITE_POLICIES = ("stop", "skip")
-PRECISIONS = ("float32", "bf16")
-DATASET_NUM_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10}
-LABEL_AWARE_COUPLINGS = ("exact", "sinkhorn", "sb")
-DATASET_CHANNEL_MULTS = {"digits": (1, 2), "mnist": (1, 2, 2), "cifar10": (1, 2, 2, 2)}
-# The UNet and augmentation fields of an image run, with their defaults (None in a 2D run's config).
-# num_head_channels None: heads of channels / num_heads.
-IMAGE_DEFAULTS: dict[str, Any] = {
-    "channel_mults": None,  # the dataset's: DATASET_CHANNEL_MULTS
-    "num_res_blocks": 1,
-    "groups": 8,
-    "attention_resolutions": (),
-    "num_heads": 4,
-    "num_head_channels": None,
-    "dropout": 0.0,
-    "hflip": False,
-}
-TOY_FIELDS = ("source", "target", "depth", "activation")
-MLP_FIELDS = ("depth", "activation")  # 2D and sphere runs train an MLP
-EULER_STEPS = (1, 2, 4, 8)
-"""The few Euler steps every evaluation measures its distance to the target after."""
-
-
-def option(
-    default: Any,
-    help: str,
-    *,
-    kinds: tuple[str, ...] = KINDS,
-    choices: Mapping[str, Any] | tuple[str, ...] | None = None,
-    flag: str | None = None,
-    metavar: str | None = None,
-    cli: bool = True,
-    shown_default: str | None = None,
-) -> Any:
-    """A ``RunConfig`` field with what the CLI needs to offer it.
-
-    Args:
-      default: the field's default (None: resolved per kind of run by ``RunConfig.defaults``).
-      help: one line for ``fmjax train --help`` (the default is added to it).
-      kinds: the kinds of run it applies to (``KINDS``); a flag of another kind is refused.
-      choices: the allowed names (a registry's keys), listed in the help.
-      flag: the flag when it is not ``--field-name`` (``--no-eval-ema`` for ``eval_ema``).
-      metavar, cli: the flag's metavar; ``cli=False`` for fields another command sets (``pairs``).
-      shown_default: what the help says of the default where its value alone says too little.
-    """
-    metadata = {
-        "help": help,
-        "kinds": kinds,
-        "choices": choices,
-        "flag": flag,
-        "metavar": metavar,
-        "cli": cli,
-        "shown_default": shown_default,
-    }
-    return dataclasses.field(default=default, metadata=metadata)
 
 
 def _adaptive_solvers() -> tuple[str, ...]:
@@ -335,7 +292,7 @@ class RunConfig:
                 check_choice(name, getattr(self, name), TOY_SAMPLERS)
         if self.kind != IMAGES:
             check_choice("activation", self.activation, ACTIVATIONS)
-        self._check_path()
+        check_path(self)
         for name, registry in (
             ("coupling", COUPLINGS),
             ("coupling_scope", SCOPES),
@@ -360,102 +317,14 @@ class RunConfig:
                     lambda n, name=name, value=value: f"{n(name)} must be a bool; got {value!r}"
                 )
         check_real("cond_dropout", self.cond_dropout, low=0.0, high=1.0)
-        self._check_conditions()
+        check_conditions(self)
         check_real("learning_rate", self.learning_rate, low=0.0, low_inclusive=False)
         check_real("weight_decay", self.weight_decay, low=0.0)
         check_int("warmup_steps", self.warmup_steps, low=0)
         if self.grad_clip is not None:
             check_real("grad_clip", self.grad_clip, low=0.0, low_inclusive=False)
         check_real("ema_decay", self.ema_decay, low=0.0, high=1.0, high_inclusive=False)
-        self._check_sigma()
-
-    def _check_path(self) -> None:
-        """A sphere run takes the geodesic path; the other runs one of ``PATHS``."""
-        if self.kind == SPHERE:
-            if self.path != GEODESIC:
-                raise ArgumentError(
-                    lambda n: (
-                        f"{n('path')} must be {GEODESIC!r} for a sphere run (dataset {self.dataset!r}: "
-                        f"points on S^2); got {self.path!r}"
-                    )
-                )
-        elif self.path == GEODESIC:
-            raise ArgumentError(
-                lambda n: (
-                    f"{n('path')} {GEODESIC!r} is for sphere runs ({n('dataset')} one of "
-                    f"{', '.join(EARTH_DATASETS)}); paths of this run: {', '.join(PATHS)}"
-                )
-            )
-        else:
-            check_choice("path", self.path, PATHS)
-
-    def _check_conditions(self) -> None:
-        """The options of conditional and reflow runs, which exclude each other in places."""
-        if self.conditional and self.kind == SPHERE:
-            raise ArgumentError(
-                lambda n: (
-                    f"{n('conditional')} needs class labels; the Earth datasets ({self.dataset!r}) have none"
-                )
-            )
-        if self.conditional and self.dataset is None and self.target not in TOY_NUM_CLASSES:
-            labelled = ", ".join(TOY_NUM_CLASSES)
-            raise ArgumentError(
-                lambda n: (
-                    f"{n('conditional')} needs a target with class labels ({labelled}) or a dataset; "
-                    f"got {n('target')} {self.target!r}"
-                )
-            )
-        if self.cond_dropout > 0 and not self.conditional:
-            raise ArgumentError(
-                lambda n: (
-                    f"{n('cond_dropout')} needs conditional=True; got {n('cond_dropout')} {self.cond_dropout}"
-                )
-            )
-        if self.by_label and not self.conditional:
-            raise ArgumentError(
-                lambda n: f"{n('by_label')} needs conditional=True (the labels come with the target points)"
-            )
-        if self.pairs is not None:
-            if not isinstance(self.pairs, str) or not self.pairs:
-                raise TypeError(f"pairs must be the path of a pairs file (str); got {self.pairs!r}")
-            if self.coupling != "independent":
-                raise ArgumentError(
-                    lambda n: (
-                        "pairs are trained on as stored: "
-                        f"{n('coupling')} must be 'independent' (it keeps the pairing); got {self.coupling!r}"
-                    )
-                )
-            if self.conditional:
-                raise ValueError("pairs carry no labels: a reflow run cannot be conditional")
-        if self.by_label and self.coupling not in LABEL_AWARE_COUPLINGS:
-            aware = ", ".join(LABEL_AWARE_COUPLINGS)
-            raise ArgumentError(
-                lambda n: (
-                    f"{n('by_label')} needs a coupling that pairs by label ({aware}); "
-                    f"got {n('coupling')} {self.coupling!r}"
-                )
-            )
-
-    def _check_sigma(self) -> None:
-        """``sigma`` is a noise level >= 0 of a path that has one (an unset one takes the default)."""
-        if self.sigma is not None:
-            if self.path not in SIGMA_FIELDS:
-                with_sigma = ", ".join(SIGMA_FIELDS)
-                raise ArgumentError(
-                    lambda n: (
-                        f"{n('sigma')} is not a parameter of {n('path')} {self.path!r}; "
-                        f"paths with one: {with_sigma}"
-                    )
-                )
-            check_real("sigma", self.sigma, low=0.0)
-        sigma = self.sigma if self.sigma is not None else self.defaults(self.dataset, path=self.path)["sigma"]
-        if self.coupling == "sb" and not sigma:
-            raise ArgumentError(
-                lambda n: (
-                    f"{n('coupling')} 'sb' needs a path with sigma > 0 (its epsilon is 2 sigma^2); "
-                    f"got {n('path')} {self.path!r} with sigma {sigma!r}"
-                )
-            )
+        check_sigma(self)
 
     @property
     def kind(self) -> str:
