@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import jax.scipy.linalg
 import numpy as np
 import pytest
-from fmjax.manifolds import Sphere
 
 from fmjax.likelihood import bits_per_dim, divergence_exact, log_likelihood, standard_normal_log_density
+from fmjax.manifolds import Sphere
 from fmjax.models import MLP, functional
 from fmjax.sampling import as_velocity, sample
 

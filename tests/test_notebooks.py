@@ -10,7 +10,13 @@ NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("*.
 
 
 def test_the_notebooks_exist():
-    assert [p.stem for p in NOTEBOOKS] == ["00_quickstart", "01_couplings", "02_likelihood", "03_conditional", "04_manifolds"]
+    assert [p.stem for p in NOTEBOOKS] == [
+        "00_quickstart",
+        "01_couplings",
+        "02_likelihood",
+        "03_conditional",
+        "04_manifolds",
+    ]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from fmjax.manifolds import Euclidean, FlatTorus, Sphere
 
+from fmjax.manifolds import Euclidean, FlatTorus, Sphere
 from fmjax.paths import (
     PATHS,
     CondOT,

@@ -2,6 +2,7 @@
 evaluation, sampling and likelihoods of trained runs, and reflow.
 
 - ``config``: ``RunConfig``, every hyperparameter and the one source of ``fmjax train``'s options;
+- ``options``: the option metadata of ``RunConfig``'s fields, the kinds of run, and the rules between options;
 - ``streams``: the run's named random streams (``STREAMS``, ``stream_key``);
 - ``rundir``: the run directory's files, lock, atomic writes and metrics log;
 - ``distributed``: the device mesh and the agreement of a run's processes;
@@ -9,7 +10,7 @@ evaluation, sampling and likelihoods of trained runs, and reflow.
 - ``run``: ``Run`` (model, optimiser, state) and ``load_run``;
 - ``loop``: ``train``, the loop itself;
 - ``tasks``: what differs between kinds of run (``toy``: 2D samplers and an MLP; ``images``: a tfds
-  dataset and a UNet), picked by ``RunConfig.kind``;
+  dataset and a UNet; ``sphere``: an Earth dataset on S^2 and a tangent MLP), picked by ``RunConfig.kind``;
 - ``evaluate``, ``reflow``: the evaluation of a trained run, and a reflow run prepared from one.
 
 >>> import tempfile

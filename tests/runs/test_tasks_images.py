@@ -16,7 +16,8 @@ def data_dir(tmp_path, monkeypatch):
 
 DIGITS = [
     "--dataset", "digits", "--steps", "10", "--batch-size", "32", "--width", "8", "--channel-mults", "1",
-    "--num-res-blocks", "1", "--log-every", "5", "--checkpoint-every", "5", "--eval-samples", "16", "--no-progress",
+    "--num-res-blocks", "1", "--log-every", "5", "--checkpoint-every", "5", "--eval-samples", "16",
+    "--no-progress",
 ]  # fmt: skip
 # a one-level UNet: the run, evaluation and commands are those of any digits run, compiled in half the time
 
