@@ -192,12 +192,12 @@ class Manifold(abc.ABC):
         return self._dist(x, y)
 
     def inner(self, x: jax.Array, u: jax.Array, v: jax.Array) -> jax.Array:
-        """The Riemannian metric <u, v>_x of tangent vectors at x (all shape [..., D]); shape [...]."""
+        """The Riemannian metric ⟨u, v⟩_x of tangent vectors at x (all shape [..., D]); shape [...]."""
         x, u, v = self._check(x=x, u=u, v=v)
         return self._inner(x, u, v)
 
     def norm(self, x: jax.Array, u: jax.Array) -> jax.Array:
-        """|u|_x = sqrt(<u, u>_x) of tangent vectors u at x (shape [..., D]); shape [...].
+        """|u|_x = sqrt(⟨u, u⟩_x) of tangent vectors u at x (shape [..., D]); shape [...].
 
         The gradient is finite (0) at u = 0.
         """
@@ -217,8 +217,8 @@ class Manifold(abc.ABC):
 
         So an exact divergence needs k extra Jacobian-vector products J n_j (k = ``codimension``), and a
         Hutchinson estimate uses probes projected with P. Sphere: n = c = x (P = I - x x^T).
-        Hyperbolic (Lorentz): n = x, c = (x_0, -x_1, ..., -x_d), so that c . u = -<x, u>_L and
-        P u = u + <x, u>_L x. Product: each factor's pairs, zero outside its slice.
+        Hyperbolic (Lorentz): n = x, c = (x_0, -x_1, ..., -x_d), so that c . u = -⟨x, u⟩_L and
+        P u = u + ⟨x, u⟩_L x. Product: each factor's pairs, zero outside its slice.
 
         Args:
           x: points on M, shape [..., D].

@@ -16,7 +16,7 @@ __all__ = ["Euclidean"]
 class Euclidean(Manifold):
     """Euclidean space R^D with the standard metric; base distribution N(0, I).
 
-    exp_x(u) = x + u,  log_x(y) = y - x,  d(x, y) = |y - x|,  <u, v>_x = u . v,
+    exp_x(u) = x + u,  log_x(y) = y - x,  d(x, y) = |y - x|,  ⟨u, v⟩_x = u . v,
     log p(x) = -|x|^2 / 2 - (D / 2) log(2 pi).
 
     Args:

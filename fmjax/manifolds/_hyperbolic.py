@@ -30,7 +30,7 @@ def _log_sinhc(sq):  # log(sinh(r) / r) = r + log((1 - exp(-2r)) / (2r)): no ove
 
 
 def _minkowski(u: jax.Array, v: jax.Array) -> jax.Array:
-    """<u, v>_L = -u_0 v_0 + sum_{i >= 1} u_i v_i over the last axis."""
+    """⟨u, v⟩_L = -u_0 v_0 + sum_{i >= 1} u_i v_i over the last axis."""
     return _dot(u[..., 1:], v[..., 1:]) - u[..., 0] * v[..., 0]
 
 
@@ -39,14 +39,14 @@ def _minkowski(u: jax.Array, v: jax.Array) -> jax.Array:
 class Hyperbolic(Manifold):
     """Hyperbolic space H^d (curvature -1) in the Lorentz (hyperboloid) model in R^{d+1}, D = d + 1.
 
-    Points: x with <x, x>_L = -1 and x_0 > 0, where <u, v>_L = -u_0 v_0 + sum_{i>=1} u_i v_i is the
-    Minkowski form; tangent vectors at x: <x, u>_L = 0; the metric is <u, v>_x = <u, v>_L (positive
-    definite on tangent vectors), |u|_L = sqrt(max(<u, u>_L, 0)).
+    Points: x with ⟨x, x⟩_L = -1 and x_0 > 0, where ⟨u, v⟩_L = -u_0 v_0 + sum_{i>=1} u_i v_i is the
+    Minkowski form; tangent vectors at x: ⟨x, u⟩_L = 0; the metric is ⟨u, v⟩_x = ⟨u, v⟩_L (positive
+    definite on tangent vectors), |u|_L = sqrt(max(⟨u, u⟩_L, 0)).
 
     exp_x(u) = cosh|u|_L x + sinh|u|_L u / |u|_L,
-    log_x(y) = d(x, y) w / |w|_L  with  w = y + <x, y>_L x,  |w|_L = sinh d(x, y),
-    d(x, y) = arccosh(-<x, y>_L) = 2 asinh(|y - x|_L / 2),
-    projx(x) = (sqrt(1 + |x_{1:}|^2), x_{1:}),  proju(x, u) = u + <x, u>_L x.
+    log_x(y) = d(x, y) w / |w|_L  with  w = y + ⟨x, y⟩_L x,  |w|_L = sinh d(x, y),
+    d(x, y) = arccosh(-⟨x, y⟩_L) = 2 asinh(|y - x|_L / 2),
+    projx(x) = (sqrt(1 + |x_{1:}|^2), x_{1:}),  proju(x, u) = u + ⟨x, u⟩_L x.
 
     The distance is computed in its second form, from the chord y - x, which stays accurate for
     nearby points where arccosh(1 + small) loses all digits (and has an infinite derivative).
@@ -59,7 +59,7 @@ class Hyperbolic(Manifold):
 
     the second term being the volume element sinh(r)^{d-1} of geodesic polar coordinates against the
     Euclidean r^{d-1}. It reads only x_{1:} (it is the density at projx(x)). ``normals``: n = x and
-    c = (x_0, -x_1, ..., -x_d), so c . u = -<x, u>_L and c . n = 1.
+    c = (x_0, -x_1, ..., -x_d), so c . u = -⟨x, u⟩_L and c . n = 1.
 
     Args:
       dim: the ambient size D = d + 1 (>= 2), if fixed (checked by every method; needed in a ``Product``).

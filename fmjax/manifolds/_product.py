@@ -22,7 +22,7 @@ class Product(Manifold):
     Every factor needs its ambient size, e.g. ``Product(Sphere(dim=3), FlatTorus(dim=2))`` for points
     of shape [..., 5] on S^2 x T^2. Each method splits x, applies the factors and joins the results:
 
-    exp, log, projx, proju: concatenated;  <u, v>_x = sum_i <u_i, v_i>_{x_i};
+    exp, log, projx, proju: concatenated;  ⟨u, v⟩_x = sum_i ⟨u_i, v_i⟩_{x_i};
     d(x, y) = sqrt(sum_i d_i(x_i, y_i)^2);  base = the product of the factors' bases,
     log p(x) = sum_i log p_i(x_i);  ``normals``: each factor's, zero outside its slice.
 

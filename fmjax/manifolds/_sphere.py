@@ -28,11 +28,11 @@ class Sphere(Manifold):
     """The unit sphere S^{D-1} = {x in R^D : |x| = 1} with the metric of R^D; base distribution uniform.
 
     exp_x(u) = cos|u| x + sin|u| u / |u|,
-    log_x(y) = theta v / |v|  with  v = y - <x, y> x,  theta = d(x, y) = atan2(|v|, <x, y>),
-    projx(x) = x / |x|,  proju(x, u) = u - <x, u> x,  <u, v>_x = u . v,
+    log_x(y) = theta v / |v|  with  v = y - ⟨x, y⟩ x,  theta = d(x, y) = atan2(|v|, ⟨x, y⟩),
+    projx(x) = x / |x|,  proju(x, u) = u - ⟨x, u⟩ x,  ⟨u, v⟩_x = u . v,
     log p(x) = -log |S^{D-1}|,  |S^{D-1}| = 2 pi^{D/2} / Gamma(D/2)  (S^2: -log(4 pi)).
 
-    The atan2 form keeps d(x, y) accurate near 0 and near pi (where arccos(<x, y>) is not); log_x is
+    The atan2 form keeps d(x, y) accurate near 0 and near pi (where arccos(⟨x, y⟩) is not); log_x is
     undefined at the antipode y = -x. ``normals``: n = c = x.
 
     Args:

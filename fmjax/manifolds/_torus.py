@@ -26,7 +26,7 @@ class FlatTorus(Manifold):
     distribution uniform.
 
     exp_x(u) = (x + u) mod 2 pi,  log_x(y) = (y - x) wrapped into [-pi, pi) per coordinate,
-    projx(x) = x mod 2 pi,  proju(x, u) = u,  d(x, y) = |log_x(y)|,  <u, v>_x = u . v,
+    projx(x) = x mod 2 pi,  proju(x, u) = u,  d(x, y) = |log_x(y)|,  ⟨u, v⟩_x = u . v,
     log p(x) = -D log(2 pi).
 
     Args:
