@@ -73,9 +73,8 @@ def test_sample_writes_a_grid_of_digits(digits_run):
 
 def test_unknown_dataset_is_named(tmp_path, capsys):
     assert main(["train", "--dataset", "imagenet", "--out", str(tmp_path / "x")]) == 2
-    assert "dataset must be one of 'cifar10', 'digits', 'earthquake', 'fire', 'flood', 'mnist', 'volcano'" in (
-        capsys.readouterr().err
-    )
+    names = "'cifar10', 'digits', 'earthquake', 'fire', 'flood', 'mnist', 'volcano'"
+    assert f"dataset must be one of {names}" in capsys.readouterr().err
 
 
 # resumes log each step once with the same losses: tests/runs/test_loop_resume.py on 2D runs in the default
