@@ -12,7 +12,7 @@ warm-up, EMA parameters. Couplings: ``exact`` (minibatch OT on the squared geode
 ``independent`` pairs, side by side. A checkpoint every ``--eval-every`` steps is kept; the exact
 validation NLL of each (EMA parameters, dopri5) picks the one whose test NLL is reported.
 
-    python -m experiments.earth                       # writes experiments/results/earth.md and earth.json
+    python -m experiments.earth    # experiments/results/earth.md and earth.json; the runs in runs/earth
     python -m experiments.earth --datasets volcano --seeds 1 --steps 400 --eval-every 200 --out /tmp/e
 """
 
@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -62,7 +63,7 @@ def config_of(args, dataset: str, seed: int, coupling: str) -> RunConfig:
 
 def run_one(args, dataset: str, seed: int, coupling: str) -> dict:
     """Train one run, pick its checkpoint by validation NLL, and score that checkpoint on the test split."""
-    run_dir = os.path.join(args.out, "runs", f"{dataset}-{coupling}-seed{seed}")
+    run_dir = os.path.join(args.runs_dir, f"{dataset}-{coupling}-seed{seed}")
     config = config_of(args, dataset, seed, coupling)
     started = time.monotonic()
     train(config, run_dir)
@@ -167,9 +168,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--out", default=RESULTS, help="results directory (runs under OUT/runs)")
+    parser.add_argument("--out", default=RESULTS, help="where earth.md, earth.json and earth_runs.jsonl go")
+    parser.add_argument(
+        "--runs-dir", default=None, help="where the runs go (default: runs/earth, or OUT/runs with --out)"
+    )
     args = parser.parse_args(argv)
-    args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    if args.runs_dir is None:  # the runs' checkpoints stay out of experiments/results (runs/ is not tracked)
+        in_results = args.out == RESULTS
+        args.runs_dir = os.path.join("runs", "earth") if in_results else os.path.join(args.out, "runs")
     if args.steps % args.eval_every:
         parser.error("--steps must be a multiple of --eval-every")
     os.makedirs(args.out, exist_ok=True)
