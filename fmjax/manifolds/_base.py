@@ -79,6 +79,9 @@ class Manifold(abc.ABC):
     min_dim: ClassVar[int] = 1
     dim: int | None = None  # the ambient size D, if fixed (a dataclass field in each subclass)
 
+    def __post_init__(self) -> None:  # dataclass subclasses: their dim field checked once, here
+        self._check_dim_field()
+
     def _check_dim_field(self) -> None:
         if self.dim is not None:
             object.__setattr__(self, "dim", check_int("dim", self.dim, low=self.min_dim))

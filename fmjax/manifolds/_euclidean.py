@@ -29,9 +29,6 @@ class Euclidean(Manifold):
 
     dim: int | None = None
 
-    def __post_init__(self):
-        self._check_dim_field()
-
     def _expmap(self, x, u):
         return x + u
 

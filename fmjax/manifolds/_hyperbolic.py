@@ -78,9 +78,6 @@ class Hyperbolic(Manifold):
     min_dim: ClassVar[int] = 2
     dim: int | None = None
 
-    def __post_init__(self):
-        self._check_dim_field()
-
     def _expmap(self, x, u):
         sq = _minkowski(u, u)[..., None]
         return _cosh(sq) * x + _sinhc(sq) * u

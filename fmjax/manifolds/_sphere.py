@@ -50,9 +50,6 @@ class Sphere(Manifold):
     min_dim: ClassVar[int] = 2
     dim: int | None = None
 
-    def __post_init__(self):
-        self._check_dim_field()
-
     def _expmap(self, x, u):
         sq = _dot(u, u)[..., None]
         return _cos(sq) * x + _sinc(sq) * u

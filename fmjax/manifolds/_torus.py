@@ -40,9 +40,6 @@ class FlatTorus(Manifold):
 
     dim: int | None = None
 
-    def __post_init__(self):
-        self._check_dim_field()
-
     def _expmap(self, x, u):
         return _wrap(x + u)
 

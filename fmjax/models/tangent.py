@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from fmjax.manifolds import FlatTorus, Manifold, Product, resolve_manifold
@@ -40,21 +41,12 @@ def _tangent(manifold: Manifold, x: jax.Array, out: jax.Array) -> jax.Array:
         return -jnp.sin(x) * out[..., :size] + jnp.cos(x) * out[..., size:]
     if isinstance(manifold, Product):
         sizes = [embedded_size(factor, factor.dim) for factor in manifold.factors]
-        outs = jnp.split(out, _cumulative(sizes), axis=-1)
+        outs = jnp.split(out, np.cumsum(sizes)[:-1].tolist(), axis=-1)
         parts = manifold.split(x)
         return jnp.concatenate(
             [_tangent(f, p, o) for f, p, o in zip(manifold.factors, parts, outs, strict=True)], -1
         )
     return manifold.proju(x, out)
-
-
-def _cumulative(sizes: list[int]) -> list[int]:
-    """The split points of consecutive blocks of ``sizes``."""
-    points, total = [], 0
-    for size in sizes[:-1]:
-        total += size
-        points.append(total)
-    return points
 
 
 class TangentField(nnx.Module):

@@ -168,8 +168,8 @@ def density_grid(config: RunConfig, apply_fn, params) -> tuple[np.ndarray, np.nd
     latitude/longitude cells (degrees), by the exact divergence."""
     lat = np.linspace(-90, 90, GRID[0], endpoint=False) + 90 / GRID[0]
     lon = np.linspace(-180, 180, GRID[1], endpoint=False) + 180 / GRID[1]
-    la, lo = np.meshgrid(np.radians(lat), np.radians(lon), indexing="ij")
-    points = np.stack([np.cos(la) * np.cos(lo), np.cos(la) * np.sin(lo), np.sin(la)], axis=-1).reshape(-1, 3)
+    grid = np.stack(np.meshgrid(lat, lon, indexing="ij"), axis=-1)  # [len(lat), len(lon), (lat, lon)]
+    points = earth.from_lat_lon(grid).reshape(-1, 3)
     velocity = run_velocity(config, apply_fn, params)
     result = log_likelihood(
         velocity, jnp.asarray(points, jnp.float32), manifold=SPHERE, solver=config.eval_solver
